@@ -1,0 +1,1 @@
+"""DeepFlow platform: deeply supervised flow-based image generators, trained at scale."""

@@ -1,0 +1,1 @@
+"""Raw data -> encoded webdataset shards on object storage -> training batches."""

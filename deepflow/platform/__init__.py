@@ -1,0 +1,1 @@
+"""Training at scale: config, engines (ddp/fsdp/deepspeed), checkpoints, EMA, eval, logging."""

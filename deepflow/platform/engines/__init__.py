@@ -1,0 +1,1 @@
+"""Training engines: one small interface, three implementations."""

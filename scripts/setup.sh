@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One-time set-up of a fresh machine: Debian datasets/fonts (when apt is available) and a pinned virtualenv.
+# Idempotent: re-running it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+
+if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing Debian packages dataset-fashion-mnist fonts-noto-color-emoji"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist fonts-noto-color-emoji) >/dev/null \
+      || echo "[setup] WARNING: apt-get failed; the demo falls back to scikit-learn digits"
+  else
+    echo "[setup] WARNING: apt-get unavailable (or not root); the demo falls back to scikit-learn digits"
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $PY"
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import deepflow, deepspeed, open_clip, torchvision" >/dev/null 2>&1; then
+  echo "[setup] installing pinned dependencies (constraints.txt)"
+  .venv/bin/pip install -q --upgrade pip
+  # torch first, pinned: an unpinned resolve may pull a different multi-GB build.
+  .venv/bin/pip install -q -c constraints.txt torch torchvision
+  # DeepSpeed ships as an sdist whose build imports torch: build it against the torch just installed.
+  .venv/bin/pip install -q -c constraints.txt --no-build-isolation deepspeed
+  .venv/bin/pip install -q -c constraints.txt -e ".[dev]"
+fi
+echo "[setup] ready: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"
