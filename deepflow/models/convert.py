@@ -1,0 +1,248 @@
+"""Import of the reference implementation's checkpoints (ByteDance-Seed/DeepFlow key layout) and export back.
+
+The mapping functions are pure (no I/O); only the CLI reads and writes files:
+
+    python -m deepflow.models.convert --reference ckpt.pt --name "DeepFlow-XL/2-3T" --out model.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from deepflow.models.dit import DeepFlowDiT
+from deepflow.models.registry import SIZES, create_model, parse_model_name
+
+__all__ = [
+    "load_reference_state_dict",
+    "to_reference_state_dict",
+    "reference_key_to_ours",
+    "our_key_to_reference",
+    "infer_reference_config",
+    "ReferenceCheckpointError",
+]
+
+
+class ReferenceCheckpointError(ValueError):
+    """The checkpoint does not match the requested architecture (lists the offending keys)."""
+
+
+# (reference prefix pattern, our prefix); N = block index. Everything else keeps its name.
+_RENAMES: list[tuple[str, str]] = [
+    (r"df_blocks\.(\d+)\.cross_attention\.multihead_attn\.", r"vera_blocks.\1.cross_attention."),
+    (r"df_blocks\.(\d+)\.", r"vera_blocks.\1."),
+    (r"final_layer\.(\d+)\.", r"velocity_heads.\1."),
+    (r"final_acc_layer\.", "acc_head."),
+]
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _strip_wrappers(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def reference_key_to_ours(key: str, num_branches: int) -> str:
+    """Reference name -> our parameter name (SiT's single ``final_layer.*`` maps to ``velocity_heads.0.*``)."""
+    key = _strip_wrappers(key)
+    if num_branches == 1 and key.startswith("final_layer.") and not re.match(r"final_layer\.\d+\.", key):
+        return "velocity_heads.0." + key[len("final_layer."):]
+    for pattern, repl in _RENAMES:
+        new, n = re.subn("^" + pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+def our_key_to_reference(key: str, num_branches: int) -> str:
+    """Our parameter name -> reference name (inverse of ``reference_key_to_ours``)."""
+    if num_branches == 1 and key.startswith("velocity_heads.0."):
+        return "final_layer." + key[len("velocity_heads.0."):]
+    m = re.match(r"vera_blocks\.(\d+)\.cross_attention\.(in_proj_weight|in_proj_bias|out_proj\..*)$", key)
+    if m:
+        return f"df_blocks.{m[1]}.cross_attention.multihead_attn.{m[2]}"
+    for ours, ref in ((r"vera_blocks\.(\d+)\.", r"df_blocks.\1."), (r"velocity_heads\.(\d+)\.", r"final_layer.\1."),
+                      (r"acc_head\.", "final_acc_layer.")):
+        new, n = re.subn("^" + ours, ref, key)
+        if n:
+            return new
+    return key
+
+
+def _indices(keys: list[str], prefix: str) -> list[int]:
+    pat = re.compile("^" + re.escape(prefix) + r"(\d+)\.")
+    return sorted({int(m[1]) for k in keys if (m := pat.match(k))})
+
+
+def _args_get(args: Any, name: str) -> Any:
+    if args is None:
+        return None
+    if isinstance(args, Mapping):
+        return args.get(name)
+    return getattr(args, name, None)
+
+
+def _select_weights(checkpoint: Mapping[str, Any], prefer: str) -> tuple[Mapping[str, torch.Tensor], Any]:
+    """A full checkpoint dict {ema, model, args, ...} -> (weights, args); a bare state dict -> (it, None)."""
+    if any(isinstance(checkpoint.get(k), Mapping) for k in ("ema", "model")):
+        order = [prefer] + [k for k in ("ema", "model") if k != prefer]
+        for k in order:
+            if isinstance(checkpoint.get(k), Mapping):
+                return checkpoint[k], checkpoint.get("args")
+    return checkpoint, None
+
+
+def infer_reference_config(state_dict: Mapping[str, torch.Tensor], args: Any = None) -> dict[str, Any]:
+    """Architecture overrides read from tensor shapes (and ``args``: depth, df_idxs) of a reference state dict."""
+    keys = [_strip_wrappers(k) for k in state_dict]
+    sd = {_strip_wrappers(k): v for k, v in state_dict.items()}
+    required = ("pos_embed", "x_embedder.proj.weight", "y_embedder.embedding_table.weight")
+    missing = [k for k in required if k not in sd]
+    if missing:
+        raise ReferenceCheckpointError(f"not a reference DeepFlow/SiT state dict: missing keys {missing}")
+    if _args_get(args, "qk_norm"):
+        raise ReferenceCheckpointError("reference checkpoint uses qk_norm=True, which this model does not implement")
+    pos = sd["pos_embed"]
+    conv = sd["x_embedder.proj.weight"]  # [H, C, p, p]
+    grid = int(round(pos.shape[1] ** 0.5))
+    if grid * grid != pos.shape[1]:
+        raise ReferenceCheckpointError(f"pos_embed has {pos.shape[1]} tokens, not a square grid")
+    depth = len(_indices(keys, "blocks."))
+    num_vera = len(_indices(keys, "df_blocks."))
+    config: dict[str, Any] = dict(
+        depth=depth,
+        hidden_size=int(pos.shape[-1]),
+        in_channels=int(conv.shape[1]),
+        patch_size=int(conv.shape[-1]),
+        input_size=grid * int(conv.shape[-1]),
+        num_classes=int(sd["y_embedder.embedding_table.weight"].shape[0]) - 1,
+    )
+    args_depth = _args_get(args, "depth")
+    if args_depth is not None and int(args_depth) != depth:
+        raise ReferenceCheckpointError(f"args.depth={args_depth} but the state dict holds {depth} blocks")
+    df_idxs = _args_get(args, "df_idxs")
+    if df_idxs is not None:
+        key_layers = [int(i) for i in df_idxs] + [depth]
+        if len(key_layers) != num_vera + 1:
+            raise ReferenceCheckpointError(
+                f"args.df_idxs={list(df_idxs)} names {len(key_layers) - 1} VeRA blocks, state dict holds {num_vera}"
+            )
+        config["key_layers"] = key_layers
+    if num_vera:
+        config["acc_widths"] = tuple(int(sd[f"df_blocks.0.acc_mlp.{i}.weight"].shape[0]) for i in (0, 2, 4))
+    if "projectors.0.0.weight" in sd:
+        config.update(
+            ssl_align=True,
+            projector_dim=int(sd["projectors.0.0.weight"].shape[0]),
+            z_dim=int(sd["projectors.0.4.weight"].shape[0]),
+        )
+    return config
+
+
+def load_reference_state_dict(
+    state_dict: Mapping[str, Any], name: str, prefer: str = "ema", **overrides: Any
+) -> DeepFlowDiT:
+    """Build ``name`` and load reference-layout weights into it (exact: no key may be unknown or missing).
+
+    ``state_dict``: a reference state dict, or a full checkpoint dict {ema, model, args, ...} (``prefer``
+    picks 'ema' or 'model'; ``args`` supplies depth and df_idxs, the key layers excluding the last).
+    Depth, widths, classes, input size and SSL projectors are read from the tensors; ``overrides`` win.
+    The returned model's parameters share storage with the given tensors (no copy).
+    """
+    weights, args = _select_weights(state_dict, prefer)
+    config = infer_reference_config(weights, args)
+    size, patch, k = parse_model_name(name)
+    for field, named in (("hidden_size", SIZES[size][0]), ("patch_size", patch)):
+        if field not in overrides and config[field] != named:
+            raise ReferenceCheckpointError(
+                f"checkpoint {field} {config[field]} does not match {name!r} ({named}); pass the matching name "
+                f"or override {field}= (and num_heads=)"
+            )
+    config.update(overrides)
+    if "key_layers" in config and len(config["key_layers"]) != k:
+        raise ReferenceCheckpointError(
+            f"{name!r} has {k} branches but the checkpoint has {len(config['key_layers'])} "
+            f"(key layers {config['key_layers']}); pass the matching name"
+        )
+    with torch.device("meta"):
+        model = create_model(name, **config)
+    mapped = {reference_key_to_ours(key, k): value for key, value in weights.items()}
+    expected = model.state_dict()
+    unknown = sorted(key for key in weights if reference_key_to_ours(key, k) not in expected)
+    missing = sorted(our_key_to_reference(key, k) for key in expected if key not in mapped)
+    mismatched = sorted(
+        f"{our_key_to_reference(key, k)}: checkpoint {tuple(mapped[key].shape)} vs model {tuple(t.shape)}"
+        for key, t in expected.items()
+        if key in mapped and tuple(mapped[key].shape) != tuple(t.shape)
+    )
+    if unknown or missing or mismatched:
+        lines = [f"reference checkpoint does not match {name!r} (config {config}):"]
+        if unknown:
+            lines.append(f"  unknown keys ({len(unknown)}): {unknown}")
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {missing}")
+        if mismatched:
+            lines.append(f"  shape mismatches ({len(mismatched)}): {mismatched}")
+        raise ReferenceCheckpointError("\n".join(lines))
+    model.load_state_dict({key: mapped[key].float() for key in expected}, strict=True, assign=True)
+    model.pos_embed.requires_grad_(False)
+    return model
+
+
+def to_reference_state_dict(model: DeepFlowDiT) -> dict[str, torch.Tensor]:
+    """Our model -> state dict in the reference layout (tensors detached, sharing storage)."""
+    k = model.num_branches
+    return {our_key_to_reference(key, k): t.detach() for key, t in model.state_dict().items()}
+
+
+def _load_checkpoint(path: str) -> Mapping[str, Any]:
+    """torch.load with weights_only=True; the reference ``args`` (argparse.Namespace) is allow-listed."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Convert a reference DeepFlow checkpoint to safetensors.")
+    parser.add_argument("--reference", required=True, help="reference checkpoint (.pt with ema/model/args)")
+    parser.add_argument("--name", required=True, help='architecture, e.g. "DeepFlow-XL/2-3T"')
+    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights to prefer")
+    parser.add_argument("--num-heads", type=int, default=None, help="override the size's head count")
+    parser.add_argument("--hidden-size", type=int, default=None, help="override the size's hidden width")
+    ns = parser.parse_args(argv)
+
+    from safetensors.torch import save_file
+
+    checkpoint = _load_checkpoint(ns.reference)
+    overrides = {key: value for key, value in (("num_heads", ns.num_heads), ("hidden_size", ns.hidden_size)) if value}
+    model = load_reference_state_dict(checkpoint, ns.name, prefer=ns.weights, **overrides)
+    tensors = {key: t.detach().contiguous() for key, t in model.state_dict().items()}
+    metadata = {
+        "name": ns.name,
+        "config": json.dumps(
+            dict(depth=model.depth, key_layers=model.key_layers, input_size=model.input_size,
+                 in_channels=model.in_channels, num_classes=model.num_classes, hidden_size=model.hidden_size,
+                 num_heads=model.num_heads, ssl_align=model.ssl_align, z_dim=model.z_dim,
+                 projector_dim=model.projector_dim, acc_widths=list(model.acc_widths))
+        ),
+        "source": ns.reference,
+    }
+    save_file(tensors, ns.out, metadata=metadata)
+    n = sum(t.numel() for t in tensors.values())
+    print(f"wrote {ns.out}: {ns.name} depth {model.depth} key layers {model.key_layers}, {n:,} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Sample quality for small labelled datasets (Fashion-MNIST, scikit-learn digits).
+
+A small CNN classifier, trained once on the dataset's training split with a fixed seed, gives two figures for a set
+of class-conditional samples:
+
+- ``fd``: the Frechet distance between its penultimate-layer features of the samples and of held-out real images;
+- ``accuracy``: how often it recognises the class each sample was asked to be.
+
+The trained weights are cached on disk under a key built from the dataset, the recipe and the seed; the SHA-256 of the
+weights is reported with every score (``classifier_sha256``) so that figures from different machines can be checked
+for comparability.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from deepflow.platform.metrics import feature_statistics, frechet_distance
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1
+
+
+class SmallClassifier(nn.Module):
+    """Two conv blocks and two linear layers; ``features`` is the 128-d penultimate activation.
+
+    Input: float images [B, C, S, S] in [-1, 1], S = ``image_size``.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, feature_dim: int = 128) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        flat = 64 * (image_size // 4) ** 2
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(flat, feature_dim), nn.ReLU())
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, S, S] in [-1, 1] -> features [B, feature_dim]."""
+        return self.fc(self.conv(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, S, S] in [-1, 1] -> logits [B, num_classes]."""
+        return self.head(self.features(x))
+
+
+def _to_input(images: torch.Tensor | np.ndarray, channels: int, size: int) -> torch.Tensor:
+    """uint8 images [B, C, H, W] (or [B, H, W]) -> float [B, channels, size, size] in [-1, 1]."""
+    x = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else images
+    if x.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {x.dtype}")
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
+    x = x.float() / 127.5 - 1.0
+    if x.shape[1] != channels:
+        if x.shape[1] == 3 and channels == 1:
+            x = x.mean(dim=1, keepdim=True)
+        elif x.shape[1] == 1:
+            x = x.expand(-1, channels, -1, -1)
+        else:
+            raise ValueError(f"cannot map {x.shape[1]} image channels to the classifier's {channels}")
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+@dataclass
+class ClassifierRecipe:
+    """Everything that determines the trained weights (part of the cache key)."""
+
+    dataset: str
+    seed: int = 0
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 2e-3
+    image_size: int = 28
+
+    def cache_key(self) -> str:
+        return f"{self.dataset}-s{self.image_size}-e{self.epochs}-b{self.batch_size}-lr{self.lr}-seed{self.seed}-v{RECIPE_VERSION}"
+
+
+# Per-dataset recipes: digits is tiny (1500 training images), so it needs many more epochs.
+RECIPES = {
+    "fashion_mnist": ClassifierRecipe(dataset="fashion_mnist", epochs=2, image_size=28),
+    "digits": ClassifierRecipe(dataset="digits", epochs=40, batch_size=64, image_size=8),
+}
+
+
+def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, recipe: ClassifierRecipe) -> SmallClassifier:
+    """Train the classifier deterministically (single-threaded, fixed seed).
+
+    images: uint8 [N, H, W] or [N, C, H, W]; labels: int [N].
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bitwise-reproducible CPU training
+    try:
+        gen = torch.Generator().manual_seed(recipe.seed)
+        torch.manual_seed(recipe.seed)
+        channels = 1 if images.ndim == 3 else images.shape[1]
+        x_all = _to_input(images, channels, recipe.image_size)
+        y_all = torch.as_tensor(labels, dtype=torch.long)
+        model = SmallClassifier(channels, num_classes, recipe.image_size)
+        opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+        model.train()
+        for _ in range(recipe.epochs):
+            order = torch.randperm(len(x_all), generator=gen)
+            for start in range(0, len(order), recipe.batch_size):
+                idx = order[start : start + recipe.batch_size]
+                loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return model.eval()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _weights_sha256(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DEEPFLOW_CACHE", Path.home() / ".cache" / "deepflow"))
+
+
+class ClassifierQuality:
+    """FD in classifier features against held-out real images, and class accuracy, for uint8 samples.
+
+    Built with :meth:`for_dataset`, which trains (or loads from cache) the classifier and embeds the reference set.
+    """
+
+    def __init__(self, classifier: SmallClassifier, reference_images: np.ndarray, batch_size: int = 500) -> None:
+        self.classifier = classifier.eval()
+        self.channels = classifier.conv[0].in_channels
+        self.batch_size = batch_size
+        self.sha256 = _weights_sha256(classifier)
+        self.name = "classifier"
+        self.dim = classifier.head.in_features
+        ref = self(reference_images)
+        self.reference_stats = feature_statistics(ref.numpy())
+
+    @torch.no_grad()
+    def _run(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, logits = [], []
+        for start in range(0, len(images), self.batch_size):
+            x = _to_input(images[start : start + self.batch_size], self.channels, self.classifier.image_size)
+            f = self.classifier.features(x)
+            feats.append(f)
+            logits.append(self.classifier.head(f))
+        return torch.cat(feats), torch.cat(logits)
+
+    def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 images [B, C, H, W] -> penultimate features [B, 128] (a metrics.FeatureExtractor)."""
+        return self._run(images)[0]
+
+    def score(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> dict[str, float | str]:
+        """uint8 samples [N, C, H, W] with requested labels [N] -> {"fd", "accuracy", "classifier_sha256"}."""
+        feats, logits = self._run(images)
+        mu, sigma = feature_statistics(feats.numpy())
+        accuracy = (logits.argmax(dim=1) == torch.as_tensor(np.asarray(labels), dtype=torch.long)).float().mean()
+        return {
+            "fd": float(frechet_distance(mu, sigma, *self.reference_stats)),
+            "accuracy": float(accuracy),
+            "classifier_sha256": self.sha256,
+        }
+
+    @classmethod
+    def for_dataset(
+        cls, dataset: str, seed: int = 0, cache_dir: str | Path | None = None, num_reference: int | None = None
+    ) -> "ClassifierQuality":
+        """Train/load the classifier of ``dataset`` ("fashion_mnist" or "digits") and embed its held-out split.
+
+        ``num_reference``: use only the first N held-out images as the reference set (the rest stay unseen, e.g. to
+        score real images against it).
+        """
+        from deepflow.platform.quality_data import load_labelled_split
+
+        if dataset not in RECIPES:
+            raise ValueError(f"no quality classifier recipe for dataset {dataset!r}; known: {sorted(RECIPES)}")
+        recipe = dataclasses.replace(RECIPES[dataset], seed=seed)
+        train_x, train_y, num_classes = load_labelled_split(dataset, "train")
+        test_x, _, _ = load_labelled_split(dataset, "test")
+        if num_reference is not None:
+            test_x = test_x[:num_reference]
+        path = Path(cache_dir or default_cache_dir()) / f"classifier-{recipe.cache_key()}.safetensors"
+        channels = 1 if train_x.ndim == 3 else train_x.shape[1]
+        model = SmallClassifier(channels, num_classes, recipe.image_size)
+        if path.exists():
+            model.load_state_dict(load_file(str(path)))
+        else:
+            log.info("training the %s quality classifier (seed %d), cached at %s", dataset, seed, path)
+            model = train_classifier(train_x, train_y, num_classes, recipe)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file(model.state_dict(), str(tmp))
+            os.replace(tmp, path)
+        return cls(model.eval(), test_x)
