@@ -24,7 +24,9 @@ from deepflow.models.layers import (
 )
 from deepflow.models.vera import VeRABlock
 
-__all__ = ["BranchOutputs", "DeepFlowDiT", "build_projector"]
+__all__ = ["BranchOutputs", "DeepFlowDiT", "build_projector", "VERA_MODES"]
+
+VERA_MODES = ("full", "no_cross_attention", "identity")
 
 
 @dataclass
@@ -77,13 +79,16 @@ class DeepFlowDiT(nn.Module):
         z_dim: int = 768,
         projector_dim: int = 2048,
         acc_widths: tuple[int, int, int] = (2048, 4096, 2048),
+        vera_mode: str = "full",
     ) -> None:
         super().__init__()
+        if vera_mode not in VERA_MODES:
+            raise ValueError(f"vera_mode must be one of {VERA_MODES}, got {vera_mode!r}")
         key_layers = list(key_layers) if key_layers is not None else [depth]
         _check_key_layers(key_layers, depth)
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
-        if ssl_align and len(key_layers) < 2:
+        if ssl_align and (len(key_layers) < 2 or vera_mode == "identity"):
             raise ValueError("ssl_align needs at least 2 branches: the SSL projectors sit on the VeRA blocks")
         if not 0.0 <= class_dropout < 1.0:
             raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout}")
@@ -102,6 +107,10 @@ class DeepFlowDiT(nn.Module):
         self.z_dim = z_dim
         self.projector_dim = projector_dim
         self.acc_widths = tuple(acc_widths)
+        self.vera_mode = vera_mode
+        # Ablations: "identity" = deep supervision only (branches joined directly, no acceleration outputs);
+        # "no_cross_attention" = VeRA without the cross-space attention.
+        self.has_vera = len(key_layers) > 1 and vera_mode != "identity"
         self.grid_size = input_size // patch_size
         self.gradient_checkpointing = False
 
@@ -111,10 +120,11 @@ class DeepFlowDiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(AdaLNBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         k = self.num_branches
-        if k > 1:
+        if self.has_vera:
             self.dt_embedder = TimestepEmbedder(2 * hidden_size)
             self.vera_blocks = nn.ModuleList(
-                VeRABlock(hidden_size, num_heads, self.acc_widths) for _ in range(k - 1)
+                VeRABlock(hidden_size, num_heads, self.acc_widths, cross_attention=vera_mode == "full")
+                for _ in range(k - 1)
             )
             self.acc_head = FinalLayer(hidden_size, patch_size, in_channels)
         # velocity_heads[0] is shared by every intermediate branch; velocity_heads[-1] is the last branch's.
@@ -138,7 +148,7 @@ class DeepFlowDiT(nn.Module):
             block.reset_parameters()
         for head in self.velocity_heads:
             head.reset_parameters()
-        if self.num_branches > 1:
+        if self.has_vera:
             self.dt_embedder.reset_parameters()
             for vera in self.vera_blocks:
                 vera.reset_parameters()
@@ -150,7 +160,7 @@ class DeepFlowDiT(nn.Module):
     def shard_units(self) -> list[nn.Module]:
         """Transformer blocks then VeRA blocks: the units to wrap one by one (FSDP2 ``fully_shard``)."""
         units: list[nn.Module] = list(self.blocks)
-        if self.num_branches > 1:
+        if self.has_vera:
             units.extend(self.vera_blocks)
         return units
 
@@ -193,7 +203,7 @@ class DeepFlowDiT(nn.Module):
         else:
             conds = [self.t_embedder(t) + y_emb] * k
         gaps: list[torch.Tensor] = []
-        if k > 1:
+        if self.has_vera:
             if per_branch:
                 dt = (t[:, 1:] - t[:, :-1]).transpose(0, 1).reshape(-1)
                 gaps = list(self.dt_embedder(dt).view(k - 1, b, -1).unbind(0))
@@ -212,6 +222,8 @@ class DeepFlowDiT(nn.Module):
                 break
             if return_all:
                 velocities.append(self._to_image(self.velocity_heads[0](h, c)))
+            if not self.has_vera:
+                continue
             h, acc_tokens = self._maybe_checkpoint(self.vera_blocks[i], h, x_tokens, gaps[i])
             if return_all:
                 accelerations.append(self._to_image(self.acc_head(acc_tokens, c)))
@@ -248,19 +260,22 @@ class DeepFlowDiT(nn.Module):
         per_block = n * (4 * hd * hd + 2 * hd * mlp_hidden) + 6 * hd * hd
         total += self.depth * per_block
         head = 2 * hd * hd + n * hd * out
-        if k > 1:
+        if self.has_vera:
             w0, w1, w2 = self.acc_widths
             vera = n * (hd * w0 + w0 * w1 + w1 * w2 + w2 * hd)  # ACC_MLP
             vera += 8 * hd * hd + n * (4 * hd * hd + 2 * hd * hd)  # gap modulation + its MLP
-            vera += n * 4 * hd * hd  # cross attention: q, k, v, out projections
+            if self.vera_mode == "full":
+                vera += n * 4 * hd * hd  # cross attention: q, k, v, out projections
             total += (k - 1) * vera
             total += (k - 1 if train else 1) * (256 * 2 * hd + 4 * hd * hd)  # gap embeddings
-        total += (2 * k - 1 if train else 1) * head
+        heads_run = (2 * k - 1 if self.has_vera else k) if train else 1
+        total += heads_run * head
         if train and self.ssl_align:
             p = self.projector_dim
             total += (k - 1) * n * (hd * p + p * p + p * self.z_dim)
         if attention:
-            total += (self.depth + k - 1) * 2 * n * n * hd
+            cross_attentions = k - 1 if self.has_vera and self.vera_mode == "full" else 0
+            total += (self.depth + cross_attentions) * 2 * n * n * hd
         return total
 
 

@@ -92,21 +92,31 @@ class VeRABlock(nn.Module):
     acceleration head by the model when training).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, acc_widths: tuple[int, int, int] = (2048, 4096, 2048)) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        acc_widths: tuple[int, int, int] = (2048, 4096, 2048),
+        cross_attention: bool = True,
+    ) -> None:
         super().__init__()
         self.acc_mlp = AccMlp(hidden_size, acc_widths)
         self.acc_norm = GapModulation(hidden_size)
-        self.cross_attention = CrossSpaceAttention(hidden_size, num_heads)
+        # Without cross-space attention (an ablation), the modulated features are the next branch's input.
+        self.cross_attention = CrossSpaceAttention(hidden_size, num_heads) if cross_attention else None
 
     def forward(
         self, h: torch.Tensor, x_query: torch.Tensor, gap_emb: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         acc = self.acc_mlp(h)
         refined = self.acc_norm(torch.cat([h, acc], dim=-1), gap_emb)
+        if self.cross_attention is None:
+            return refined, acc
         return self.cross_attention(x_query, refined), acc
 
     def reset_parameters(self) -> None:
         _xavier_linears(self)
-        self.cross_attention.reset_parameters()
+        if self.cross_attention is not None:
+            self.cross_attention.reset_parameters()
         nn.init.zeros_(self.acc_norm.adaLN_modulation[1].weight)
         nn.init.zeros_(self.acc_norm.adaLN_modulation[1].bias)
