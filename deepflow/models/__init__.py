@@ -1,6 +1,7 @@
-"""DeepFlow and SiT networks and the flow math. No I/O, no torch.distributed."""
+"""DeepFlow and SiT networks, the text-to-image MMDiT and the flow math. No I/O, no torch.distributed."""
 
 from deepflow.models.dit import BranchOutputs, DeepFlowDiT
+from deepflow.models.mmdit import DeepFlowMMDiT
 from deepflow.models.registry import create_model, list_models
 
-__all__ = ["BranchOutputs", "DeepFlowDiT", "create_model", "list_models"]
+__all__ = ["BranchOutputs", "DeepFlowDiT", "DeepFlowMMDiT", "create_model", "list_models"]

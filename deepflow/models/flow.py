@@ -12,12 +12,13 @@ from typing import Callable, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from deepflow.models.conditions import Condition, NullCondition, drop_conditions, is_text_condition
 from deepflow.models.dit import BranchOutputs
 
 __all__ = ["FlowObjective", "interpolate", "sample_times", "branch_times", "drop_labels"]
 
 TimeSampling = Literal["uniform", "lognormal"]
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], BranchOutputs]
+ModelFn = Callable[[torch.Tensor, torch.Tensor, Condition], BranchOutputs]
 
 
 def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -102,7 +103,7 @@ class FlowObjective:
         self.betas = list(betas) if betas is not None else None
         self.acc_weight = acc_weight
         self.proj_weight = proj_weight
-        self.label_dropout = label_dropout
+        self.label_dropout = label_dropout  # condition-drop probability: class labels and text alike
 
     def branch_betas(self, num_branches: int) -> list[float]:
         if self.betas is None:
@@ -115,15 +116,19 @@ class FlowObjective:
         self,
         model_fn: ModelFn,
         x0: torch.Tensor,
-        y: torch.Tensor,
+        y: Condition,
         generator: torch.Generator,
         ssl_targets: torch.Tensor | None = None,
         num_branches: int = 1,
         num_classes: int = 1000,
+        null_condition: NullCondition | None = None,
     ) -> dict[str, torch.Tensor]:
-        """x0 [B,C,H,W] clean data, y [B] labels, ssl_targets [B,N,z] or None.
+        """x0 [B,C,H,W] clean data, ssl_targets [B,N,z] or None, y the condition: labels [B] long or a text dict
+        {"text_emb" [B,L,D], "text_mask" [B,L] bool, "text_pooled" [B,P]} (see ``deepflow.models.conditions``).
 
-        Draw order from ``generator``: t1, the gap sign and gaps, eps, the label-drop mask.
+        Dropped rows (probability ``label_dropout``) get the null condition: ``null_condition`` (an int class id,
+        or for text the empty caption's dict of unbatched or [1,...] tensors); for labels it defaults to
+        ``num_classes``. Draw order from ``generator``: t1, the gap sign and gaps, eps, the drop mask.
         Returns scalar terms "deep_0".."deep_{k-1}", "acc" (k > 1), "proj" (with ssl_targets), "total".
         """
         k = num_branches
@@ -132,7 +137,14 @@ class FlowObjective:
         t1 = sample_times(b, self.time_sampling, generator, x0.device)
         times = branch_times(t1, k, self.alpha, generator)  # [B,k]
         eps = _rand(x0.shape, generator, x0.device, normal=True).to(x0.dtype)
-        y_in = drop_labels(y, self.label_dropout, num_classes, generator)
+        if null_condition is None:
+            if is_text_condition(y) and self.label_dropout > 0:
+                raise ValueError(
+                    "text conditions with label_dropout > 0 need null_condition (the empty caption's encoding, "
+                    "e.g. ShardLoader.null_text())"
+                )
+            null_condition = num_classes
+        y_in, _ = drop_conditions(y, self.label_dropout, null_condition, generator)
         x_t1 = interpolate(x0, eps, times[:, 0])
         target = eps - x0
 
@@ -144,7 +156,7 @@ class FlowObjective:
         for i, v in enumerate(out.velocities):
             terms[f"deep_{i}"] = _mse(v, target)
             total = total + betas[i] * terms[f"deep_{i}"]
-        if k > 1:
+        if k > 1 and out.accelerations:  # none from a deep-supervision-only ablation (vera_mode="identity")
             if len(out.accelerations) != k - 1:
                 raise ValueError(f"model returned {len(out.accelerations)} accelerations, expected {k - 1}")
             acc = x0.new_zeros((), dtype=torch.float32)

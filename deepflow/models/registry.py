@@ -1,4 +1,5 @@
-"""Named architectures: "SiT-{S,B,L,XL}/{2,4,8}" and "DeepFlow-{S,B,L,XL}/{2,4,8}-{k}T".
+"""Named architectures: "SiT-{S,B,L,XL}/{2,4,8}", "DeepFlow-{S,B,L,XL}/{2,4,8}-{k}T" (class-conditional DiT)
+and "MMDiT-{depth}", "DeepFlow-MMDiT-{depth}-{k}T" (text-to-image; hidden 32 x depth, depth heads, patch 2).
 
 ``create_model(name, **overrides)`` builds on the current default device, so
 ``with torch.device("meta"): create_model(...)`` allocates nothing.
@@ -10,8 +11,12 @@ import re
 from typing import Any
 
 from deepflow.models.dit import DeepFlowDiT
+from deepflow.models.mmdit import DeepFlowMMDiT
 
-__all__ = ["create_model", "list_models", "parse_model_name", "even_key_layers", "SIZES"]
+__all__ = [
+    "create_model", "create_mmdit", "list_models", "parse_model_name", "parse_mmdit_name", "even_key_layers", "SIZES",
+    "MMDIT_HIDDEN_PER_LAYER",
+]
 
 # size -> (hidden_size, num_heads, SiT depth)
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -26,14 +31,22 @@ BRANCH_COUNTS = (2, 3, 4)
 PAPER_DEPTHS: dict[tuple[str, int], int] = {("B", 2): 12, ("L", 3): 18, ("XL", 3): 24, ("XL", 4): 28}
 
 _NAME = re.compile(r"^(?P<family>SiT|DeepFlow)-(?P<size>S|B|L|XL)/(?P<patch>\d+)(?:-(?P<k>\d+)T)?$")
+_MMDIT_NAME = re.compile(r"^(?:(?P<deepflow>DeepFlow)-)?MMDiT-(?P<depth>\d+)(?:-(?P<k>\d+)T)?$")
+# REPA's COCO MMDiT: hidden size 32 x depth, heads = depth (head width 32)
+MMDIT_HIDDEN_PER_LAYER = 32
+_MMDIT_OVERRIDES = {
+    "key_layers", "input_size", "in_channels", "patch_size", "context_dim", "pooled_dim", "max_text_length",
+    "text_dropout", "class_dropout", "hidden_size", "num_heads", "mlp_ratio", "qk_norm", "ssl_align", "z_dim",
+    "projector_dim", "acc_widths",
+}
 _OVERRIDES = {
     "depth", "key_layers", "input_size", "in_channels", "num_classes", "ssl_align", "z_dim", "projector_dim",
-    "class_dropout", "hidden_size", "num_heads", "mlp_ratio", "acc_widths", "patch_size",
+    "class_dropout", "hidden_size", "num_heads", "mlp_ratio", "acc_widths", "patch_size", "vera_mode",
 }
 
 
 def list_models() -> list[str]:
-    """Every registered name."""
+    """Every registered DiT-family name (MMDiT names are parametric in depth: "MMDiT-24", "DeepFlow-MMDiT-24-3T")."""
     names = [f"SiT-{s}/{p}" for s in SIZES for p in PATCH_SIZES]
     names += [f"DeepFlow-{s}/{p}-{k}T" for s in SIZES for p in PATCH_SIZES for k in BRANCH_COUNTS]
     return names
@@ -77,10 +90,69 @@ def even_key_layers(depth: int, k: int) -> list[int]:
     return [round(depth * (i + 1) / k) for i in range(k)]
 
 
-def create_model(name: str, **overrides: Any) -> DeepFlowDiT:
+def parse_mmdit_name(name: str) -> tuple[int, int] | None:
+    """"DeepFlow-MMDiT-24-3T" -> (24, 3); "MMDiT-24" -> (24, 1); None for a non-MMDiT name; ValueError if malformed."""
+    if not isinstance(name, str) or "MMDiT" not in name:
+        return None
+    m = _MMDIT_NAME.match(name.strip())
+    if m is None:
+        raise ValueError(
+            f"unknown model name {name!r}: expected 'MMDiT-{{depth}}' or 'DeepFlow-MMDiT-{{depth}}-{{k}}T'"
+        )
+    depth = int(m["depth"])
+    if depth < 1:
+        raise ValueError(f"model name {name!r}: depth must be >= 1")
+    if m["deepflow"] is None:
+        if m["k"] is not None:
+            raise ValueError(f"model name {name!r}: MMDiT has one branch; use 'DeepFlow-MMDiT-{depth}-kT'")
+        return depth, 1
+    if m["k"] is None:
+        raise ValueError(f"model name {name!r}: DeepFlow needs a branch count, e.g. 'DeepFlow-MMDiT-{depth}-3T'")
+    k = int(m["k"])
+    if k not in BRANCH_COUNTS:
+        raise ValueError(f"model name {name!r}: branch count {k} not in {BRANCH_COUNTS}")
+    return depth, k
+
+
+def create_mmdit(name: str, **overrides: Any) -> DeepFlowMMDiT:
+    """Build "MMDiT-{depth}" / "DeepFlow-MMDiT-{depth}-{k}T"; the depth comes from the name. Overrides: key_layers,
+    input_size, in_channels, patch_size, context_dim, pooled_dim, max_text_length, text_dropout (alias
+    class_dropout), hidden_size, num_heads, mlp_ratio, qk_norm, ssl_align, z_dim, projector_dim, acc_widths.
+    """
+    parsed = parse_mmdit_name(name)
+    if parsed is None:
+        raise ValueError(f"{name!r} is not an MMDiT name")
+    unknown = sorted(set(overrides) - _MMDIT_OVERRIDES)
+    if unknown:
+        hint = " (the depth is part of the name)" if "depth" in unknown else ""
+        raise TypeError(
+            f"create_model({name!r}): unknown overrides {unknown}{hint}; allowed: {sorted(_MMDIT_OVERRIDES)}"
+        )
+    depth, k = parsed
+    if "class_dropout" in overrides:
+        if "text_dropout" in overrides and overrides["text_dropout"] != overrides["class_dropout"]:
+            raise ValueError(f"create_model({name!r}): text_dropout and class_dropout disagree")
+        overrides["text_dropout"] = overrides.pop("class_dropout")
+    key_layers = overrides.pop("key_layers", None)
+    if key_layers is None:
+        key_layers = even_key_layers(depth, k)
+    elif len(key_layers) != k:
+        raise ValueError(f"create_model({name!r}): key_layers {list(key_layers)} must have {k} entries")
+    config: dict[str, Any] = dict(
+        input_size=32, patch_size=2, in_channels=4, hidden_size=MMDIT_HIDDEN_PER_LAYER * depth, num_heads=depth,
+        context_dim=768, text_dropout=0.1,
+    )
+    config.update(overrides)
+    return DeepFlowMMDiT(depth=depth, key_layers=list(key_layers), **config)
+
+
+def create_model(name: str, **overrides: Any) -> DeepFlowDiT | DeepFlowMMDiT:
     """Build a named architecture; overrides: depth, key_layers, input_size, in_channels, num_classes,
     ssl_align, z_dim, projector_dim, class_dropout, hidden_size, num_heads, mlp_ratio, acc_widths, patch_size.
+    MMDiT names ("MMDiT-24", "DeepFlow-MMDiT-24-3T") go to ``create_mmdit`` (its own override set).
     """
+    if parse_mmdit_name(name) is not None:
+        return create_mmdit(name, **overrides)
     unknown = sorted(set(overrides) - _OVERRIDES)
     if unknown:
         raise TypeError(f"create_model({name!r}): unknown overrides {unknown}; allowed: {sorted(_OVERRIDES)}")

@@ -1,6 +1,7 @@
 """Samplers for flow models: SDE Euler-Maruyama (the paper's), ODE Euler and Heun; CFG with a guidance interval.
 
-``fn(x, t, y) -> v`` is a model or any callable: x [B,C,H,W], t [B] float in [0,1], y [B] long.
+``fn(x, t, y) -> v`` is a model or any callable: x [B,C,H,W], t [B] float in [0,1], y the condition: labels [B]
+long, or a text dict {"text_emb" [B,L,D], "text_mask" [B,L] bool, "text_pooled" [B,P]} (``deepflow.models.conditions``).
 Integration runs from t = 1 (noise) to t = 0 (data).
 """
 
@@ -11,9 +12,18 @@ from typing import Callable, Literal
 import torch
 from tqdm.auto import tqdm
 
+from deepflow.models.conditions import (
+    Condition,
+    NullCondition,
+    concat_conditions,
+    condition_batch_size,
+    is_text_condition,
+    null_condition_batch,
+)
+
 __all__ = ["sample", "sde_times", "ode_times", "GuidedVelocity"]
 
-VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]
 
 
 class GuidedVelocity:
@@ -21,19 +31,28 @@ class GuidedVelocity:
 
     Guidance applies only for lo <= t <= hi and scale != 1; otherwise only the conditional half runs.
     (Guiding the velocity equals guiding the SDE drift: the drift is affine in v with a cond-free offset.)
+    The null condition is ``null_condition`` if given, else ``null_label``: an int class id, or for text the
+    empty caption's dict of unbatched or [1,...] tensors.
     """
 
     def __init__(
-        self, fn: VelocityFn, y: torch.Tensor, cfg_scale: float, guidance_interval: tuple[float, float],
-        null_label: int | None,
+        self, fn: VelocityFn, y: Condition, cfg_scale: float, guidance_interval: tuple[float, float],
+        null_label: int | None, null_condition: NullCondition | None = None,
     ) -> None:
-        if cfg_scale != 1.0 and null_label is None:
+        null = null_condition if null_condition is not None else null_label
+        if cfg_scale != 1.0 and null is None:
+            if is_text_condition(y):
+                raise ValueError(
+                    "cfg_scale != 1 with text conditions needs null_condition (the empty caption's encoding)"
+                )
             raise ValueError("cfg_scale != 1 needs null_label (the model's num_classes)")
         lo, hi = guidance_interval
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"guidance_interval must satisfy 0 <= lo <= hi <= 1, got {guidance_interval}")
         self.fn, self.y, self.scale, self.lo, self.hi = fn, y, cfg_scale, lo, hi
-        self.y_both = torch.cat([y, torch.full_like(y, null_label)]) if null_label is not None else y
+        self.y_both = y
+        if null is not None and cfg_scale != 1.0:
+            self.y_both = concat_conditions(y, null_condition_batch(null, condition_batch_size(y), y))
 
     def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
         b = x.shape[0]
@@ -69,7 +88,7 @@ def _sde_drift(x: torch.Tensor, v: torch.Tensor, t: float) -> torch.Tensor:
 def sample(
     fn: VelocityFn,
     noise: torch.Tensor,
-    y: torch.Tensor,
+    y: Condition,
     method: Literal["sde", "euler", "heun"] = "sde",
     steps: int = 250,
     cfg_scale: float = 1.0,
@@ -77,6 +96,7 @@ def sample(
     null_label: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    null_condition: NullCondition | None = None,
 ) -> torch.Tensor:
     """Integrate from noise [B,C,H,W] at t = 1 to a sample at t = 0.
 
@@ -84,11 +104,12 @@ def sample(
     deterministic step to 0 (``steps`` velocity evaluations). "euler" / "heun": probability-flow ODE on a
     uniform grid of ``steps`` intervals (Heun: 2 evaluations per step). ``null_label`` defaults to
     ``fn.num_classes`` when ``fn`` has that attribute. ``generator`` drives the SDE noise
-    (drawn on the generator's device, then moved). CFG: see ``GuidedVelocity``.
+    (drawn on the generator's device, then moved). CFG: see ``GuidedVelocity``; for text conditions pass
+    ``null_condition`` = the empty caption's {"text_emb", "text_mask", "text_pooled"} (unbatched or [1,...]).
     """
-    if null_label is None:
+    if null_label is None and null_condition is None and not is_text_condition(y):
         null_label = getattr(fn, "num_classes", None)
-    velocity = GuidedVelocity(fn, y, cfg_scale, guidance_interval, null_label)
+    velocity = GuidedVelocity(fn, y, cfg_scale, guidance_interval, null_label, null_condition)
     x = noise
     if method == "sde":
         grid = sde_times(steps)
