@@ -20,7 +20,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $PY"
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import deepflow, deepspeed, open_clip, torchvision" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import deepflow, deepspeed, open_clip, torchvision, pytorch_fid" >/dev/null 2>&1; then
   echo "[setup] installing pinned dependencies (constraints.txt)"
   .venv/bin/pip install -q --upgrade pip
   # torch first, pinned: an unpinned resolve may pull a different multi-GB build.

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deepflow.platform.metrics import feature_statistics, frechet_distance
+from deepflow.platform.metrics import feature_statistics, frechet_distance, register_extractor
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ RECIPE_VERSION = 1
 
 
 class SmallClassifier(nn.Module):
-    """Two conv blocks and two linear layers; ``features`` is the 128-d penultimate activation.
+    """Three conv blocks and two linear layers; ``features`` is the 128-d penultimate activation.
 
     Input: float images [B, C, S, S] in [-1, 1], S = ``image_size``.
     """
@@ -44,8 +44,9 @@ class SmallClassifier(nn.Module):
         self.conv = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         )
-        flat = 64 * (image_size // 4) ** 2
+        flat = 64 * (image_size // 8) ** 2
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(flat, feature_dim), nn.ReLU())
         self.head = nn.Linear(feature_dim, num_classes)
 
@@ -89,15 +90,17 @@ class ClassifierRecipe:
     epochs: int = 2
     batch_size: int = 128
     lr: float = 2e-3
-    image_size: int = 28
+    image_size: int = 32
+    pad: int = 0  # black border added around the raw images first (Fashion-MNIST 28 -> 32, as the demo shards)
 
     def cache_key(self) -> str:
-        return f"{self.dataset}-s{self.image_size}-e{self.epochs}-b{self.batch_size}-lr{self.lr}-seed{self.seed}-v{RECIPE_VERSION}"
+        return (f"{self.dataset}-s{self.image_size}-p{self.pad}-e{self.epochs}-b{self.batch_size}-lr{self.lr}"
+                f"-seed{self.seed}-v{RECIPE_VERSION}")
 
 
 # Per-dataset recipes: digits is tiny (1500 training images), so it needs many more epochs.
 RECIPES = {
-    "fashion_mnist": ClassifierRecipe(dataset="fashion_mnist", epochs=2, image_size=28),
+    "fashion_mnist": ClassifierRecipe(dataset="fashion_mnist", epochs=2, image_size=32, pad=2),
     "digits": ClassifierRecipe(dataset="digits", epochs=40, batch_size=64, image_size=8),
 }
 
@@ -139,6 +142,14 @@ def _weights_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+ASSETS = Path(__file__).resolve().parent / "assets"
+#: SHA-256 (see ``_weights_sha256``) of the classifiers shipped in ``assets/``, trained by ``train_classifier`` with
+#: the recipe named in the file name (seed 0, torch 2.14.1, single thread). Training again reproduces them.
+PACKAGED_SHA256 = {
+    "fashion_mnist-s32-p2-e2-b128-lr0.002-seed0-v1": "796f3b4ebf1d159253f1920332eda65aeca56c582931e16feab4e91e75ce1d8d",
+}
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DEEPFLOW_CACHE", Path.home() / ".cache" / "deepflow"))
 
@@ -149,13 +160,21 @@ class ClassifierQuality:
     Built with :meth:`for_dataset`, which trains (or loads from cache) the classifier and embeds the reference set.
     """
 
-    def __init__(self, classifier: SmallClassifier, reference_images: np.ndarray, batch_size: int = 500) -> None:
+    def __init__(
+        self,
+        classifier: SmallClassifier,
+        reference_images: np.ndarray,
+        batch_size: int = 500,
+        unseen_real: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
         self.classifier = classifier.eval()
         self.channels = classifier.conv[0].in_channels
         self.batch_size = batch_size
         self.sha256 = _weights_sha256(classifier)
         self.name = "classifier"
         self.dim = classifier.head.in_features
+        #: held-out real images [M, H, W] + labels NOT in the reference statistics: the "real data" baseline
+        self.unseen_real = unseen_real
         ref = self(reference_images)
         self.reference_stats = feature_statistics(ref.numpy())
 
@@ -190,23 +209,28 @@ class ClassifierQuality:
     ) -> "ClassifierQuality":
         """Train/load the classifier of ``dataset`` ("fashion_mnist" or "digits") and embed its held-out split.
 
-        ``num_reference``: use only the first N held-out images as the reference set (the rest stay unseen, e.g. to
-        score real images against it).
+        ``num_reference``: the first N held-out images form the reference set (default: half of them); the rest
+        stay unseen (``unseen_real``), to score real images against it as a baseline.
         """
         from deepflow.platform.quality_data import load_labelled_split
 
         if dataset not in RECIPES:
             raise ValueError(f"no quality classifier recipe for dataset {dataset!r}; known: {sorted(RECIPES)}")
         recipe = dataclasses.replace(RECIPES[dataset], seed=seed)
-        train_x, train_y, num_classes = load_labelled_split(dataset, "train")
-        test_x, _, _ = load_labelled_split(dataset, "test")
-        if num_reference is not None:
-            test_x = test_x[:num_reference]
-        path = Path(cache_dir or default_cache_dir()) / f"classifier-{recipe.cache_key()}.safetensors"
+        train_x, train_y, num_classes = load_labelled_split(dataset, "train", pad=recipe.pad)
+        test_x, test_y, _ = load_labelled_split(dataset, "test", pad=recipe.pad)
+        num_reference = num_reference or len(test_x) // 2
+        unseen = (test_x[num_reference:], test_y[num_reference:])
+        key = recipe.cache_key()
+        packaged = ASSETS / f"classifier-{key}.safetensors"
+        path = packaged if packaged.exists() else Path(cache_dir or default_cache_dir()) / f"classifier-{key}.safetensors"
         channels = 1 if train_x.ndim == 3 else train_x.shape[1]
         model = SmallClassifier(channels, num_classes, recipe.image_size)
         if path.exists():
             model.load_state_dict(load_file(str(path)))
+            expected = PACKAGED_SHA256.get(key)
+            if expected is not None and _weights_sha256(model) != expected:
+                raise ValueError(f"{path}: classifier weights do not match the recorded SHA-256 {expected[:12]}...")
         else:
             log.info("training the %s quality classifier (seed %d), cached at %s", dataset, seed, path)
             model = train_classifier(train_x, train_y, num_classes, recipe)
@@ -214,4 +238,12 @@ class ClassifierQuality:
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             save_file(model.state_dict(), str(tmp))
             os.replace(tmp, path)
-        return cls(model.eval(), test_x)
+        return cls(model.eval(), test_x[:num_reference], unseen_real=unseen)
+
+
+def _classifier_extractor(dataset: str = "fashion_mnist", seed: int = 0, cache_dir: str | None = None,
+                          num_reference: int | None = None, **_: object) -> ClassifierQuality:
+    return ClassifierQuality.for_dataset(dataset, seed=seed, cache_dir=cache_dir, num_reference=num_reference)
+
+
+register_extractor("classifier", _classifier_extractor, overwrite=True)

@@ -10,8 +10,18 @@ DIGITS_TRAIN_COUNT = 1500  # scikit-learn digits has no official split: the firs
 QUALITY_DATASETS = ("fashion_mnist", "digits")
 
 
-def load_labelled_split(dataset: str, split: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """(uint8 images [N, H, W], int64 labels [N], num_classes) of ``dataset``'s ``split`` ("train" | "test")."""
+def load_labelled_split(dataset: str, split: str, pad: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """(uint8 images [N, H+2pad, W+2pad], int64 labels [N], num_classes) of ``dataset``'s ``split``.
+
+    ``split`` is "train" or "test"; ``pad`` adds a black border (the demo pads Fashion-MNIST 28 -> 32).
+    """
+    images, labels, num_classes = _load(dataset, split)
+    if pad:
+        images = np.pad(images, ((0, 0), (pad, pad), (pad, pad)))
+    return images, labels, num_classes
+
+
+def _load(dataset: str, split: str) -> tuple[np.ndarray, np.ndarray, int]:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if dataset == "fashion_mnist":

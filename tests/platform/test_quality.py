@@ -22,8 +22,9 @@ def _blur(images: np.ndarray) -> torch.Tensor:
 
 
 def test_real_scores_near_zero_and_noise_blur_clearly_worse(digits_quality: ClassifierQuality) -> None:
-    images, labels, _ = load_labelled_split("digits", "test")
-    unseen, unseen_labels = images[150:], labels[150:]  # not part of the reference statistics
+    unseen, unseen_labels = digits_quality.unseen_real  # held out, and not part of the reference statistics
+    images, _, _ = load_labelled_split("digits", "test")
+    assert len(unseen) == len(images) - 150
     real = digits_quality.score(unseen[:, None], unseen_labels)
     noise = digits_quality.score(np.random.default_rng(0).integers(0, 256, unseen[:, None].shape, np.uint8), unseen_labels)
     blur = digits_quality.score(_blur(unseen), unseen_labels)
