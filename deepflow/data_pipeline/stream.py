@@ -1,0 +1,280 @@
+"""The deterministic sample stream behind :class:`deepflow.data_pipeline.loader.ShardLoader`.
+
+Order (a pure function of seed, epoch, rank, worker and the manifest's shard counts):
+
+1. epoch e: every non-empty shard, permuted with a generator seeded by (seed, e) - the same on all ranks;
+2. rank r of w takes ``perm[r::w]``, logical worker k of K takes that list's ``[k::K]``: disjoint;
+3. the worker's shards are grouped, in order, into *windows* of at least ``shuffle_buffer`` samples;
+   a window is loaded whole and its samples are permuted with a generator seeded by (seed, e, r, k, window);
+4. the worker's samples, epoch after epoch, are cut into batches of ``batch_size`` (a batch may span
+   windows and epochs: nothing is dropped); batch b of worker k draws its randomness (latent noise, flips,
+   caption choice) from a generator seeded by (seed, r, k, b).
+
+The position of a worker is (epoch, window, offset in the window, batches emitted), so a resumed loader
+jumps straight to its window without reading what came before, and sees exactly the samples it would
+have seen.  Shuffle quality: samples mix within windows and windows arrive in a fresh order each epoch;
+the precompute job already permutes items across shards, so every shard holds a mix of classes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .preprocess import decode_image_bytes
+from .shards import Block, ShardError, concat_blocks, decode_shard, sha256_hex
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and platforms)."""
+    state = np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+@dataclass
+class Position:
+    """Where a logical worker's stream continues: next sample = window ``window`` of ``epoch`` at ``offset``."""
+
+    epoch: int = 0
+    window: int = 0
+    offset: int = 0
+    batches: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything a worker process needs to produce its batches (picklable)."""
+
+    storage: Storage
+    manifest: dict[str, Any]
+    shards: tuple[tuple[str, int], ...]  # (name, num_samples), the loader's selection
+    batch_size: int
+    rank: int
+    world_size: int
+    num_logical_workers: int
+    shuffle_buffer: int
+    seed: int
+    flip: bool
+    on_error: str
+    verify_checksums: bool
+    with_keys: bool
+    decode_images: bool
+    prefetch_shards: int
+
+
+def worker_windows(spec: StreamSpec, epoch: int, worker: int) -> list[list[tuple[str, int]]]:
+    """The windows (lists of (shard, count)) of ``worker`` in ``epoch``."""
+    shards = [s for s in spec.shards if s[1] > 0]
+    order = np.random.default_rng(derive_seed(spec.seed, epoch, 0x5A4D)).permutation(len(shards))
+    mine = [shards[i] for i in order][spec.rank :: spec.world_size][worker :: spec.num_logical_workers]
+    windows: list[list[tuple[str, int]]] = []
+    current: list[tuple[str, int]] = []
+    filled = 0
+    for shard in mine:
+        current.append(shard)
+        filled += shard[1]
+        if filled >= max(spec.shuffle_buffer, 1):
+            windows.append(current)
+            current, filled = [], 0
+    if current:
+        windows.append(current)
+    return windows
+
+
+class SampleStream:
+    """Batches of one logical worker, from ``start`` on (see module docstring)."""
+
+    def __init__(self, spec: StreamSpec, worker: int) -> None:
+        self.spec = spec
+        self.worker = worker
+        self.checksums = {s["name"]: s.get("sha256") for s in spec.manifest["shards"]}
+        self.fields = spec.manifest["fields"]
+        self.kind = spec.manifest["kind"]
+        self.scale = float(spec.manifest.get("latent_scale") or 1.0)
+        self.has_flip_copy = bool(spec.manifest.get("has_flip"))
+        self.has_text = spec.manifest.get("text") is not None
+        self.has_images = bool(spec.manifest.get("image_format")) and spec.decode_images
+        self.corrupt: list[str] = []  # URLs skipped since the last batch
+        self._fetcher: ThreadPoolExecutor | None = None
+        self._fetches: dict[str, Future[bytes]] = {}
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def _read_and_verify(self, name: str) -> bytes:
+        """Shard bytes, checksum verified (runs in a fetch thread: hashing releases the GIL)."""
+        data = self.spec.storage.read_bytes(name)
+        expected = self.checksums.get(name)
+        if self.spec.verify_checksums and expected and sha256_hex(data) != expected:
+            raise ShardError(self.spec.storage.url_of(name),
+                             "sha256 does not match the manifest (corrupt or truncated shard)")
+        return data
+
+    def _fetch(self, name: str) -> Future[bytes]:
+        if name not in self._fetches:
+            if self._fetcher is None:
+                self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-fetch")
+            self._fetches[name] = self._fetcher.submit(self._read_and_verify, name)
+        return self._fetches[name]
+
+    def _load_shard(self, name: str) -> Block | None:
+        url = self.spec.storage.url_of(name)
+        try:
+            block = decode_shard(self._fetch(name).result(), url)
+            self._check_fields(block, url)
+            return block
+        except (ShardError, FileNotFoundError) as error:
+            if self.spec.on_error == "raise":
+                raise
+            log.warning("skipping shard %s: %s", url, error)  # the loader also warns when it hands out the batch
+            self.corrupt.append(url)
+            return None
+        finally:
+            self._fetches.pop(name, None)
+
+    def _check_fields(self, block: Block, url: str) -> None:
+        for name, meta in self.fields.items():
+            if name not in block.arrays:
+                raise ShardError(url, f"field {name!r} listed in the manifest is missing")
+            array = block.arrays[name]
+            if list(array.shape[1:]) != list(meta["shape"]) or str(array.dtype) != meta["dtype"]:
+                raise ShardError(url, f"field {name!r} is {array.dtype}{list(array.shape[1:])}, manifest says "
+                                      f"{meta['dtype']}{meta['shape']}")
+
+    def _load_window(self, window: list[tuple[str, int]], upcoming: list[str]) -> Block:
+        for name, _ in window:
+            self._fetch(name)
+        for name in upcoming[: self.spec.prefetch_shards]:
+            self._fetch(name)
+        blocks = [b for b in (self._load_shard(name) for name, _ in window) if b is not None and len(b)]
+        if not blocks:
+            return Block(keys=[])
+        return blocks[0] if len(blocks) == 1 else concat_blocks(blocks)
+
+    # -- batches ---------------------------------------------------------------------------------------
+    def batches(self, start: Position) -> Iterator[tuple[dict[str, Any], Position]]:
+        """Infinite (batch, position after the batch) pairs."""
+        spec = self.spec
+        epoch, window_index, offset, batch_index = start.epoch, start.window, start.offset, start.batches
+        pieces: list[tuple[Block, np.ndarray, np.ndarray | None]] = []
+        needed = spec.batch_size
+        empty_epochs = 0
+        while True:
+            windows = worker_windows(spec, epoch, self.worker)
+            if not windows:
+                raise ValueError(f"rank {spec.rank} worker {self.worker}: no shards in epoch {epoch}")
+            produced_this_epoch = False
+            while window_index < len(windows):
+                upcoming = [n for w in windows[window_index + 1 :] for n, _ in w]
+                if len(upcoming) < spec.prefetch_shards:
+                    upcoming += [n for w in worker_windows(spec, epoch + 1, self.worker) for n, _ in w]
+                block = self._load_window(windows[window_index], upcoming)
+                count = len(block)
+                if spec.shuffle_buffer > 0:
+                    order = np.random.default_rng(
+                        derive_seed(spec.seed, epoch, spec.rank, self.worker, window_index)).permutation(count)
+                else:
+                    order = np.arange(count)
+                caption_offsets = None
+                if self.has_text and count:
+                    caption_offsets = np.concatenate([[0], np.cumsum(block.arrays["caption_counts"])])
+                while offset < count:
+                    take = min(needed, count - offset)
+                    pieces.append((block, order[offset : offset + take], caption_offsets))
+                    offset += take
+                    needed -= take
+                    produced_this_epoch = True
+                    if needed == 0:
+                        next_position = Position(epoch, window_index, offset, batch_index + 1)
+                        if offset >= count:
+                            next_position = self._advance(next_position, len(windows))
+                        yield self._assemble(pieces, batch_index), next_position
+                        batch_index += 1
+                        pieces, needed = [], spec.batch_size
+                window_index += 1
+                offset = 0
+            epoch, window_index, offset = epoch + 1, 0, 0
+            empty_epochs = 0 if produced_this_epoch else empty_epochs + 1
+            if empty_epochs >= 2:
+                raise RuntimeError(f"rank {spec.rank} worker {self.worker}: no readable shards (skipped: "
+                                   f"{self.corrupt[:5]})")
+
+    @staticmethod
+    def _advance(position: Position, num_windows: int) -> Position:
+        if position.window + 1 < num_windows:
+            return Position(position.epoch, position.window + 1, 0, position.batches)
+        return Position(position.epoch + 1, 0, 0, position.batches)
+
+    def _gather(self, pieces: list[tuple[Block, np.ndarray, np.ndarray | None]], name: str,
+                rows: list[np.ndarray] | None = None) -> np.ndarray:
+        parts = [block.arrays[name][index if rows is None else rows[i]] for i, (block, index, _) in enumerate(pieces)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)  # fancy indexing: always a writable copy
+
+    def _assemble(self, pieces: list[tuple[Block, np.ndarray, np.ndarray | None]], batch_index: int) -> dict[str, Any]:
+        """One batch from sample index pieces; all randomness from the (seed, rank, worker, batch) generator.
+
+        Draw order: flips [B], then the latent noise [B, C, H, W] (vae), then caption choices [B].
+        """
+        spec = self.spec
+        generator = torch.Generator().manual_seed(derive_seed(spec.seed, spec.rank, self.worker, batch_index))
+        size = spec.batch_size
+        flips = (torch.rand(size, generator=generator) < 0.5).numpy() if spec.flip else np.zeros(size, dtype=bool)
+        flipped = np.flatnonzero(flips)
+        batch: dict[str, Any] = {}
+        if self.kind == "vae":
+            mean, std = self._gather(pieces, "mean"), self._gather(pieces, "std")
+            if len(flipped):
+                if self.has_flip_copy:  # the exact posterior of the flipped image
+                    mean[flipped] = self._gather(pieces, "mean_flip")[flipped]
+                    std[flipped] = self._gather(pieces, "std_flip")[flipped]
+                else:
+                    mean[flipped] = mean[flipped][..., ::-1]
+                    std[flipped] = std[flipped][..., ::-1]
+            x = torch.randn(mean.shape, generator=generator)  # eps, then in place: (mean + std * eps) * scale
+            x.mul_(torch.from_numpy(std)).add_(torch.from_numpy(mean)).mul_(self.scale)
+        else:
+            pixels = self._gather(pieces, "pixels")
+            if len(flipped):
+                pixels[flipped] = pixels[flipped][..., ::-1]
+            tensor = torch.from_numpy(pixels)
+            x = tensor.float().div_(127.5).sub_(1.0) if tensor.dtype == torch.uint8 else tensor.float()
+        batch["x"] = x
+        batch["y"] = torch.from_numpy(self._gather(pieces, "labels").astype(np.int64, copy=False))
+        if self.has_text:
+            choice = torch.rand(size, generator=generator).numpy()
+            rows, start = [], 0
+            for block, index, offsets in pieces:
+                assert offsets is not None
+                counts = block.arrays["caption_counts"][index]
+                pick = np.minimum((choice[start : start + len(index)] * counts).astype(np.int64), counts - 1)
+                rows.append(offsets[index] + pick)
+                start += len(index)
+            batch["text_emb"] = torch.from_numpy(self._gather(pieces, "text_emb", rows)).float()
+            batch["text_mask"] = torch.from_numpy(self._gather(pieces, "text_mask", rows))
+            batch["text_pooled"] = torch.from_numpy(self._gather(pieces, "text_pooled", rows)).float()
+        if self.has_images:
+            images = np.stack([decode_image_bytes(block.images[i], f"{block.keys[i]} image")  # type: ignore[index]
+                               for block, index, _ in pieces for i in index])
+            if len(flipped):
+                images[flipped] = images[flipped][..., ::-1]
+            batch["image"] = torch.from_numpy(images)
+        if spec.with_keys:
+            batch["key"] = [block.keys[i] for block, index, _ in pieces for i in index]
+        return batch
+
+    def close(self) -> None:
+        if self._fetcher is not None:
+            self._fetcher.shutdown(wait=False, cancel_futures=True)
+            self._fetcher = None
+            self._fetches.clear()
+

@@ -1,0 +1,179 @@
+"""ShardLoader: rank/worker splits, exact resume, corrupt shards, latent sampling and flips."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deepflow.data_pipeline.arrays import write_array_dataset
+from deepflow.data_pipeline.loader import ShardLoader
+from deepflow.data_pipeline.shards import ShardError, decode_shard
+
+
+def take_keys(loader: ShardLoader, count: int) -> list[str]:
+    keys: list[str] = []
+    for batch in loader:
+        keys += batch["key"]
+        if len(keys) >= count:
+            break
+    return keys[:count]
+
+
+def test_two_ranks_read_disjoint_complete_epochs(digits_dataset: str) -> None:
+    seen: list[set[str]] = []
+    for rank in (0, 1):
+        loader = ShardLoader(digits_dataset, batch_size=50, rank=rank, world_size=2, with_keys=True)
+        epoch = loader.epoch_samples(0)
+        keys = take_keys(loader, epoch)
+        assert len(set(keys)) == epoch  # no repeats inside an epoch
+        seen.append(set(keys))
+        loader.close()
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == 1797
+
+
+def test_workers_split_shards_and_epochs_reshuffle(digits_dataset: str) -> None:
+    loader = ShardLoader(digits_dataset, batch_size=64, num_workers=2, with_keys=True, shuffle_buffer=300)
+    epoch = loader.epoch_samples(0)
+    assert epoch == 1797
+    iterator = iter(loader)
+    keys: list[str] = []
+    while len(keys) < 2 * 64 * 8:
+        keys += next(iterator)["key"]
+    loader.close()
+    worker_keys = [keys[i * 64 : (i + 1) * 64] for i in range(0, 16, 2)], [keys[i * 64 : (i + 1) * 64] for i in range(1, 16, 2)]
+    from_worker = [{k for batch in batches for k in batch} for batches in worker_keys]
+    assert not from_worker[0] & from_worker[1]  # workers read disjoint shards within their first epoch
+    single = ShardLoader(digits_dataset, batch_size=1797, with_keys=True, shuffle_buffer=300)
+    iterator = iter(single)
+    first, second = next(iterator)["key"], next(iterator)["key"]
+    assert sorted(first) == sorted(second) and first != second  # every epoch complete, freshly shuffled
+    single.close()
+
+
+@pytest.mark.parametrize(("num_workers", "worker_mode"), [(0, "thread"), (2, "thread"), (2, "process")])
+def test_resume_mid_epoch_gives_exactly_the_rest(digits_dataset: str, num_workers: int, worker_mode: str) -> None:
+    def make() -> ShardLoader:
+        return ShardLoader(digits_dataset, batch_size=40, rank=1, world_size=2, num_workers=num_workers,
+                           shuffle_buffer=200, seed=7, with_keys=True, worker_mode=worker_mode)
+
+    reference = make()
+    iterator = iter(reference)
+    batches = [next(iterator) for _ in range(30)]  # crosses an epoch boundary (~900 samples per epoch)
+    reference.close()
+
+    first = make()
+    iterator = iter(first)
+    for _ in range(13):
+        next(iterator)
+    state = json.loads(json.dumps(first.state_dict()))  # JSON-able
+    first.close()
+
+    resumed = make()
+    resumed.load_state_dict(state)
+    iterator = iter(resumed)
+    for expected in batches[13:]:
+        batch = next(iterator)
+        assert batch["key"] == expected["key"]
+        assert torch.equal(batch["x"], expected["x"])  # same flips
+        assert torch.equal(batch["y"], expected["y"])
+    resumed.close()
+    with pytest.raises(ValueError, match="num_workers"):
+        other = ShardLoader(digits_dataset, batch_size=40, rank=1, world_size=2, num_workers=1 - min(num_workers, 1))
+        other.load_state_dict(state)
+
+
+def corrupt_copy(source: str, destination: Path, how: str) -> tuple[str, str, set[str]]:
+    """Copy the dataset and damage its fourth shard; returns (url, shard name, keys the shard held)."""
+    shutil.copytree(source, destination)
+    manifest = json.loads((destination / "manifest.json").read_text())
+    victim = manifest["shards"][3]["name"]
+    path = destination / victim
+    victim_keys = set(decode_shard(path.read_bytes(), victim).keys)
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    return str(destination), victim, victim_keys
+
+
+@pytest.mark.parametrize("how", ["truncate", "garble"])
+def test_corrupt_shard_is_skipped_and_reported(digits_dataset: str, tmp_path: Path, how: str) -> None:
+    url, victim, victim_keys = corrupt_copy(digits_dataset, tmp_path / "ds", how)
+    lost = len(victim_keys)
+    loader = ShardLoader(url, batch_size=100, with_keys=True, shuffle_buffer=0)
+    with pytest.warns(RuntimeWarning, match=victim):
+        keys = take_keys(loader, 1797 - lost)
+    assert len(set(keys)) == 1797 - lost  # the epoch holds every other sample exactly once
+    assert loader.stats["num_corrupt_shards"] == 1 and loader.stats["corrupt_shards"][0].endswith(victim)
+    assert loader.state_dict()["corrupt_shards"] == loader.stats["corrupt_shards"]
+    loader.close()
+    threaded = ShardLoader(url, batch_size=100, with_keys=True, num_workers=2)
+    with pytest.warns(RuntimeWarning, match=victim):  # raised in the consumer thread
+        keys = take_keys(threaded, 3000)
+    assert threaded.stats["corrupt_shards"] == loader.stats["corrupt_shards"]
+    assert threaded.stats["corrupt_skips"] >= 1
+    assert not set(keys) & victim_keys
+    assert len(set(keys)) == 1797 - lost
+    threaded.close()
+    strict = ShardLoader(url, batch_size=100, on_error="raise", shuffle_buffer=0)
+    with pytest.raises(ShardError, match=victim):
+        take_keys_strict = iter(strict)
+        for _ in range(20):
+            next(take_keys_strict)
+    strict.close()
+
+
+def test_vae_latent_sampling_and_exact_flip_copy(tmp_path: Path) -> None:
+    count = 64
+    rng = np.random.default_rng(0)
+    mean = rng.standard_normal((count, 4, 4, 4)).astype(np.float16)
+    std = np.full((count, 4, 4, 4), 0.5, dtype=np.float16)
+    mean_flip = (mean + 100).astype(np.float16)  # recognisable "flipped" posterior
+    write_array_dataset(str(tmp_path / "vae"), {"mean": mean, "std": std, "mean_flip": mean_flip, "std_flip": std},
+                        np.arange(count) % 10, samples_per_shard=16, samples_per_block=8)
+    loader = ShardLoader(str(tmp_path / "vae"), batch_size=count, with_keys=True, seed=3)
+    assert loader.manifest["kind"] == "vae" and loader.manifest["has_flip"]
+    batch = next(iter(loader))
+    loader.close()
+    rows = [int(key.split("-")[1]) for key in batch["key"]]
+    latents = batch["x"] / 0.18215
+    flipped = latents.mean(dim=(1, 2, 3)) > 50
+    assert 10 < int(flipped.sum()) < 54  # about half are flipped
+    base = torch.from_numpy(np.where(flipped.numpy()[:, None, None, None], mean_flip[rows], mean[rows]).astype(np.float32))
+    noise = (latents - base) / 0.5
+    assert abs(float(noise.mean())) < 0.1 and abs(float(noise.std()) - 1.0) < 0.1  # x = (mean + std * eps) * scale
+    assert torch.equal(batch["y"], torch.tensor(rows) % 10)
+
+    no_flip = ShardLoader(str(tmp_path / "vae"), batch_size=count, flip=False, seed=3)
+    assert float((next(iter(no_flip))["x"] / 0.18215).mean(dim=(1, 2, 3)).max()) < 50
+    no_flip.close()
+
+
+def test_pixel_flip_mirrors_images(tmp_path: Path) -> None:
+    pixels = np.zeros((32, 1, 4, 4), dtype=np.uint8)
+    pixels[..., 0] = 255  # a white left column
+    write_array_dataset(str(tmp_path / "px"), {"pixels": pixels}, np.zeros(32, dtype=np.int64), kind="pixel",
+                        samples_per_shard=8)
+    batch = next(iter(ShardLoader(str(tmp_path / "px"), batch_size=32, seed=1)))
+    left, right = batch["x"][:, 0, :, 0], batch["x"][:, 0, :, 3]
+    flipped = (right == 1.0).all(dim=1)
+    assert 5 < int(flipped.sum()) < 27
+    assert torch.all(left[~flipped] == 1.0) and torch.all(right[~flipped] == -1.0)
+    assert batch["x"].dtype == torch.float32 and batch["y"].dtype == torch.int64
+
+
+def test_pattern_url_selects_shards_and_too_few_shards_is_a_clear_error(digits_dataset: str) -> None:
+    subset = ShardLoader(f"{digits_dataset}/shard-0000-*.tar", batch_size=10, with_keys=True)
+    assert subset.num_samples == 899
+    with pytest.raises(ValueError, match="non-empty shards cannot feed"):
+        ShardLoader(f"{digits_dataset}/shard-0000-00000{{0..1}}.tar", batch_size=10, world_size=2, num_workers=2)
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        ShardLoader(str(Path(digits_dataset).parent / "missing"), batch_size=10)
