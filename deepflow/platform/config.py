@@ -1,0 +1,420 @@
+"""One validated configuration tree for a training run.
+
+A run is described by a YAML file whose top-level sections mirror :class:`RunConfig`. Dotted overrides
+(``--set optim.lr=2e-4``) are applied to the raw YAML tree before validation; their values are parsed as YAML
+scalars (``2e-4`` -> float, ``true`` -> bool, ``[1, 2]`` -> list, ``null`` -> None).
+
+Every section forbids unknown keys, so a typo fails loudly. Validation happens before any process group is
+created; :class:`ConfigError` carries one line per problem, each starting with the field path, e.g.
+``optim.lr: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "load_config",
+    "save_config",
+    "config_to_yaml",
+    "apply_overrides",
+    "config_from_tree",
+    "is_remote_url",
+    "storage_options_for",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``str(error)`` lists one ``field.path: message`` per line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class RunSection(_Section):
+    """Identity of the run and where its outputs go (any fsspec URL or local path)."""
+
+    name: str = Field("run", min_length=1)
+    output_dir: str = Field("runs/default", min_length=1)
+    seed: int = Field(0, ge=0)
+
+
+class ModelSection(_Section):
+    """Arguments of ``deepflow.models.create_model``."""
+
+    name: str = "DeepFlow-B/2-2T"
+    depth: int | None = Field(None, ge=1)
+    input_size: int = Field(32, ge=1)
+    in_channels: int = Field(4, ge=1)
+    num_classes: int = Field(1000, ge=1)
+    ssl_align: bool = False
+    class_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    gradient_checkpointing: bool = False
+    hidden_size: int | None = Field(None, ge=1)
+    num_heads: int | None = Field(None, ge=1)
+    extra: dict[str, Any] = Field(default_factory=dict, description="further create_model keyword overrides")
+
+    def create_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``create_model(self.name, **kwargs)`` (only the ones that are set)."""
+        kwargs: dict[str, Any] = {
+            "input_size": self.input_size,
+            "in_channels": self.in_channels,
+            "num_classes": self.num_classes,
+            "ssl_align": self.ssl_align,
+            "class_dropout": self.class_dropout,
+        }
+        for key in ("depth", "hidden_size", "num_heads"):
+            value = getattr(self, key)
+            if value is not None:
+                kwargs[key] = value
+        kwargs.update(self.extra)
+        return kwargs
+
+
+class ObjectiveSection(_Section):
+    """Arguments of ``deepflow.models.flow.FlowObjective``."""
+
+    time_sampling: Literal["uniform", "lognormal"] = "lognormal"
+    alpha: float = Field(0.01, ge=0.0, le=1.0)
+    betas: list[float] | None = None
+    acc_weight: float = Field(1.0, ge=0.0)
+    proj_weight: float = Field(0.5, ge=0.0)
+
+
+class DataSection(_Section):
+    """Training shards (see docs/architecture.md, Data) and batch size."""
+
+    url: str = Field("", description="dataset directory URL holding manifest.json and shards")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    endpoint_url: str | None = None
+    global_batch_size: int = Field(256, ge=1)
+    num_workers: int = Field(0, ge=0)
+    shuffle_buffer: int = Field(1000, ge=0)
+    flip: bool = True
+
+    def resolved_storage_options(self) -> dict[str, Any] | None:
+        """``storage_options`` with ``endpoint_url`` folded into s3fs's ``client_kwargs``."""
+        options = dict(self.storage_options)
+        if self.endpoint_url:
+            client_kwargs = dict(options.get("client_kwargs", {}))
+            client_kwargs["endpoint_url"] = self.endpoint_url
+            options["client_kwargs"] = client_kwargs
+        return options or None
+
+
+class OptimSection(_Section):
+    """AdamW hyper-parameters (the paper: lr 1e-4, betas (0.9, 0.999), no weight decay, clip 1.0)."""
+
+    lr: float = Field(1e-4, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0.0)
+    eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 disables clipping")
+    warmup_steps: int = Field(0, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _check_betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"each beta must lie in [0, 1), got {list(betas)}")
+        return betas
+
+
+class ScheduleSection(_Section):
+    """Length of the run and how it is split into micro-steps."""
+
+    total_steps: int = Field(400_000, ge=1)
+    grad_accumulation: int = Field(1, ge=1)
+    log_every: int = Field(100, ge=1)
+    max_nonfinite_steps: int = Field(
+        10, ge=1, description="stop the run after this many consecutive steps with a NaN/inf loss"
+    )
+
+
+class DistributedSection(_Section):
+    """Engine and its options."""
+
+    engine: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    zero_stage: Literal[1, 2, 3] = 2
+    compile: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_minutes: float = Field(30.0, gt=0.0)
+
+
+class CheckpointSection(_Section):
+    """Where and how often checkpoints are written."""
+
+    url: str | None = Field(None, description="defaults to <run.output_dir>/checkpoints")
+    every: int = Field(5000, ge=1)
+    keep_last: int = Field(3, ge=1)
+    async_save: bool = Field(False, alias="async")
+    resume: bool = True
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    export_ema: bool = Field(True, description="write export.safetensors (EMA weights) at the end of the run")
+
+
+class EMASection(_Section):
+    """Exponential moving average of the weights (initialised as a copy of the model)."""
+
+    enabled: bool = True
+    decay: float = Field(0.9999, ge=0.0, le=1.0)
+    start_step: int = Field(0, ge=0, description="before this step the EMA copies the weights")
+    every: int = Field(1, ge=1)
+
+
+class SamplerSection(_Section):
+    """Sampler used by in-training evaluation."""
+
+    method: Literal["sde", "euler", "heun"] = "sde"
+    steps: int = Field(250, ge=1)
+    cfg_scale: float = Field(1.0, ge=0.0)
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+
+
+class EvalSection(_Section):
+    """Periodic evaluation: a sample grid and a Frechet distance in the features of ``extractor``."""
+
+    every: int = Field(0, ge=0, description="0 disables periodic evaluation")
+    num_samples: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)
+    grid_size: int = Field(16, ge=1)
+    all_ranks: bool = Field(False, description="split sampling and feature extraction over all ranks")
+    sampler: SamplerSection = Field(default_factory=SamplerSection)
+    extractor: str | None = Field(None, description="metrics.build_extractor kind; None: no Frechet distance")
+    extractor_options: dict[str, Any] = Field(default_factory=dict)
+    reference: str | None = Field(
+        None, description="npz with mu/sigma (or arr_0 uint8 images); 'data': statistics of the training shards"
+    )
+    reference_samples: int = Field(1000, ge=2)
+    vae: str | None = Field(None, description="diffusers AutoencoderKL id/path to decode latent samples")
+
+
+class LoggingSection(_Section):
+    """TensorBoard (rank 0) and console progress."""
+
+    tensorboard_dir: str | None = Field(None, description="defaults to <run.output_dir>/tensorboard")
+    console_every: int = Field(10, ge=1)
+    peak_tflops: float | None = Field(None, gt=0.0, description="device peak for MFU; default by device")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SSLSection(_Section):
+    """Frozen DINOv2 encoder used for REPA alignment targets (only when model.ssl_align)."""
+
+    encoder: str = "facebook/dinov2-base"
+    image_size: int = Field(224, ge=14)
+
+
+class DebugSection(_Section):
+    """Fault injection for tests."""
+
+    inject_nan_steps: list[int] = Field(default_factory=list)
+    sigkill_at_step: int | None = Field(None, ge=1, description="rank 0 SIGKILLs itself after this step")
+    sigterm_at_step: int | None = Field(None, ge=1, description="every rank receives SIGTERM after this step")
+    step_sleep_s: float = Field(0.0, ge=0.0)
+
+
+class RunConfig(_Section):
+    """The whole run. ``precision`` is fp32, bf16 (autocast / FSDP MixedPrecision / DeepSpeed bf16) or fp16."""
+
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
+    data: DataSection = Field(default_factory=DataSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    ema: EMASection = Field(default_factory=EMASection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    ssl: SSLSection = Field(default_factory=SSLSection)
+    debug: DebugSection = Field(default_factory=DebugSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        if self.precision == "fp16" and self.distributed.engine == "fsdp":
+            raise ValueError("precision: fp16 is not supported with distributed.engine=fsdp; use bf16")
+        if self.model.ssl_align and self.objective.proj_weight == 0.0:
+            raise ValueError("objective.proj_weight: must be > 0 when model.ssl_align is true")
+        return self
+
+    # ----------------------------------------------------------------------------------------------- derived
+    @property
+    def checkpoint_url(self) -> str:
+        return self.checkpoint.url or _join(self.run.output_dir, "checkpoints")
+
+    @property
+    def tensorboard_url(self) -> str:
+        return self.logging.tensorboard_dir or _join(self.run.output_dir, "tensorboard")
+
+    def checkpoint_storage_options(self) -> dict[str, Any]:
+        return storage_options_for(
+            self.checkpoint_url, self.checkpoint.storage_options, self.data.resolved_storage_options()
+        )
+
+    def output_storage_options(self) -> dict[str, Any]:
+        """For files under run.output_dir (config copy, export, sample PNGs)."""
+        return storage_options_for(
+            self.run.output_dir, self.checkpoint.storage_options, self.data.resolved_storage_options()
+        )
+
+    def tensorboard_storage_options(self) -> dict[str, Any]:
+        return storage_options_for(
+            self.tensorboard_url,
+            self.logging.storage_options,
+            self.checkpoint.storage_options,
+            self.data.resolved_storage_options(),
+        )
+
+    def per_rank_batch_size(self, world_size: int) -> int:
+        """Micro-batch per rank; raises ConfigError naming ``data.global_batch_size`` if it does not divide."""
+        denominator = world_size * self.schedule.grad_accumulation
+        if self.data.global_batch_size % denominator:
+            raise ConfigError(
+                f"data.global_batch_size: {self.data.global_batch_size} is not divisible by world_size "
+                f"({world_size}) x schedule.grad_accumulation ({self.schedule.grad_accumulation})"
+            )
+        return self.data.global_batch_size // denominator
+
+
+def is_remote_url(url: str) -> bool:
+    """True for object-store / network URLs (s3://, gs://, ...); False for local paths and file://."""
+    return "://" in url and not url.startswith(("file://", "local://"))
+
+
+def storage_options_for(url: str, *candidates: dict[str, Any] | None) -> dict[str, Any]:
+    """The first non-empty candidate when ``url`` is remote, else {} (local filesystems take no S3 options)."""
+    if not is_remote_url(url):
+        return {}
+    for candidate in candidates:
+        if candidate:
+            return dict(candidate)
+    return {}
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "<root>"
+        message = item["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        # A model_validator error carries no location; the message itself starts with the field path.
+        lines.append(message if path == "<root>" and ":" in message.split(" ")[0] else f"{path}: {message}")
+    return "\n".join(lines)
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a raw config tree (in place) and return it."""
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"--set {override!r}: expected dotted.path=value")
+        path, _, raw_value = override.partition("=")
+        keys = [key for key in path.strip().split(".") if key]
+        if not keys:
+            raise ConfigError(f"--set {override!r}: empty field path")
+        node: Any = tree
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(keys[: depth + 1])}: is not a section, cannot set {path}")
+            node = child
+        node[keys[-1]] = _parse_scalar(raw_value)
+    return tree
+
+
+def _read_text(path: str | os.PathLike[str]) -> str:
+    with fsspec.open(str(path), "r") as handle:
+        return handle.read()
+
+
+def config_from_tree(tree: dict[str, Any]) -> RunConfig:
+    """Validate a raw tree; raise :class:`ConfigError` naming every bad field path."""
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config (local path or fsspec URL), apply dotted overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(_read_text(path))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded
+    apply_overrides(tree, list(overrides or []))
+    return config_from_tree(tree)
+
+
+_SECRET_WORDS = ("secret", "password", "token", "credential", "key")
+_NOT_SECRET = {"endpoint_url", "region_name", "client_kwargs", "config_kwargs", "anon", "use_ssl"}
+
+
+def _redact(node: Any, inside_options: bool = False) -> Any:
+    """Replace credential-like values inside any ``storage_options`` mapping by "***"."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            lowered = str(key).lower()
+            if inside_options and lowered not in _NOT_SECRET and any(w in lowered for w in _SECRET_WORDS):
+                out[key] = "***"
+            else:
+                out[key] = _redact(value, inside_options or lowered == "storage_options")
+        return out
+    if isinstance(node, list):
+        return [_redact(item, inside_options) for item in node]
+    return node
+
+
+def config_to_yaml(config: RunConfig, redact_secrets: bool = True) -> str:
+    """The fully resolved config (defaults included) as YAML; credentials in storage_options are redacted
+    (pass them through the environment: AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...)."""
+    data = config.model_dump(mode="json", by_alias=True)
+    if redact_secrets:
+        data = _redact(data)
+    stream = io.StringIO()
+    yaml.safe_dump(data, stream, sort_keys=False)
+    return stream.getvalue()
+
+
+def save_config(config: RunConfig, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
+    """Write the resolved config to a local path or fsspec URL."""
+    target = str(url)
+    if "://" not in target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+    with fsspec.open(target, "w", **(storage_options or {})) as handle:
+        handle.write(config_to_yaml(config))

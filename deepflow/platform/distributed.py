@@ -1,0 +1,177 @@
+"""Process groups, devices and seeds.
+
+The launch environment is read once into a :class:`DistEnv`:
+
+* torchrun / ``torch.distributed.run``: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
+* the DeepSpeed launcher: the same variables (it also passes ``--local_rank=N`` on the command line);
+* Kubernetes indexed Jobs: MASTER_ADDR, WORLD_SIZE, NPROC_PER_NODE (processes per pod, default 1) and the pod's
+  index in JOB_COMPLETION_INDEX as node rank, so RANK = node_rank * NPROC_PER_NODE + LOCAL_RANK;
+* nothing set: a single process (world size 1) that needs no process group at all.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistEnv",
+    "DistContext",
+    "read_dist_env",
+    "init_distributed",
+    "shutdown_distributed",
+    "seed_everything",
+    "step_seed",
+    "step_generator",
+]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job, as read from the environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "single" | "torchrun" | "kubernetes"
+
+
+@dataclass
+class DistContext:
+    """The initialised distributed state used by the rest of the platform."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None when no process group was created (single process)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None and dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def _int_env(name: str, default: int | None = None) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def read_dist_env(local_rank_arg: int | None = None) -> DistEnv:
+    """Read rank/world size from torchrun, DeepSpeed-launcher or Kubernetes variables (see module doc)."""
+    world_size = _int_env("WORLD_SIZE", 1) or 1
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = _int_env("MASTER_PORT", 29500) or 29500
+    rank = _int_env("RANK")
+    local_rank = _int_env("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else None)
+    if rank is not None:
+        source = "torchrun" if world_size > 1 else "single"
+        return DistEnv(rank, world_size, local_rank if local_rank is not None else 0, addr, port, source)
+    node_rank = _int_env("JOB_COMPLETION_INDEX")
+    if node_rank is not None and world_size > 1:
+        per_node = _int_env("NPROC_PER_NODE", 1) or 1
+        local = local_rank if local_rank is not None else 0
+        return DistEnv(node_rank * per_node + local, world_size, local, addr, port, "kubernetes")
+    if world_size > 1:
+        raise ValueError(
+            f"WORLD_SIZE={world_size} but neither RANK nor JOB_COMPLETION_INDEX is set: cannot tell this "
+            "process's rank (launch with torchrun, the deepspeed launcher or a Kubernetes indexed Job)"
+        )
+    return DistEnv(0, 1, local_rank or 0, addr, port, "single")
+
+
+def _pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def init_distributed(
+    backend: str = "auto",
+    timeout_minutes: float = 30.0,
+    local_rank_arg: int | None = None,
+    require_group: bool = False,
+) -> DistContext:
+    """Create the default process group when the job has more than one process; pick the device.
+
+    backend "auto" -> nccl on CUDA, gloo on CPU. A single process (world size 1) gets no process group unless
+    ``require_group`` (FSDP2 and DeepSpeed need one): then a local 1-rank group over an in-memory store.
+    """
+    env = read_dist_env(local_rank_arg)
+    device = _pick_device(env.local_rank)
+    chosen = backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if chosen == "nccl" and device.type != "cuda":
+        raise ValueError("distributed.backend: nccl needs CUDA devices; use gloo (or auto) on CPU")
+    if env.world_size == 1:
+        if not require_group:
+            return DistContext(0, 1, env.local_rank, device, None)
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend=chosen, store=dist.HashStore(), rank=0, world_size=1,
+                timeout=timedelta(minutes=timeout_minutes),
+            )
+        return DistContext(0, 1, env.local_rank, device, chosen)
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=chosen,
+            init_method="env://",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return DistContext(env.rank, env.world_size, env.local_rank, device, chosen)
+
+
+def shutdown_distributed(ctx: DistContext) -> None:
+    """Barrier (so no rank leaves while another still communicates), then destroy the process group."""
+    if ctx.distributed:
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) with a rank-dependent seed (model init uses its own)."""
+    value = step_seed(seed, rank, 0, 0) % (2**32)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def step_seed(seed: int, rank: int, step: int, micro_step: int = 0) -> int:
+    """A 63-bit seed that depends on every argument (NumPy SeedSequence mixing, not a weak sum)."""
+    state = np.random.SeedSequence([seed, rank, step, micro_step]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def step_generator(seed: int, rank: int, step: int, micro_step: int, device: torch.device) -> torch.Generator:
+    """The generator for all objective randomness of one micro-step: seeded from (seed, rank, step, micro)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(step_seed(seed, rank, step, micro_step))
+    return generator

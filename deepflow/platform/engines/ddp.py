@@ -1,0 +1,127 @@
+"""DistributedDataParallel engine (a plain module when the world size is 1).
+
+Precision: fp32, bf16 autocast, or fp16 autocast with a GradScaler. Parameters and optimizer state stay fp32
+and replicated, so EMA and export need no gathering. Checkpoint: rank 0 writes ``model.safetensors`` and
+``optimizer.pt`` (tensors only, loaded with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from deepflow.platform.distributed import DistContext
+from deepflow.platform.engines.base import Engine, OptimizerSettings, build_adamw
+
+__all__ = ["DDPEngine"]
+
+
+def _cpu_copy(value: Any) -> Any:
+    """Deep copy of a (nested) state dict with every tensor cloned to CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(item) for item in value)
+    return value
+
+
+class DDPEngine(Engine):
+    name = "ddp"
+    sharded_params = False
+    supports_snapshot = True
+
+    def __init__(self, model: nn.Module, settings: OptimizerSettings, ctx: DistContext) -> None:
+        super().__init__(model, settings, ctx)
+        model.to(ctx.device)
+        if settings.compile:
+            model.compile()
+        if ctx.distributed:
+            device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            self.module = DistributedDataParallel(model, device_ids=device_ids)
+        self.optimizer = build_adamw([p for p in model.parameters() if p.requires_grad], settings)
+        self._autocast_dtype = None if settings.precision == "fp32" else settings.dtype
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=settings.precision == "fp16")
+
+    @contextlib.contextmanager
+    def micro_step(self, boundary: bool) -> Iterator[None]:
+        if boundary or not isinstance(self.module, DistributedDataParallel):
+            yield
+        else:
+            with self.module.no_sync():
+                yield
+
+    def forward_train(self, x: torch.Tensor, times: torch.Tensor, y: torch.Tensor) -> Any:
+        if self._autocast_dtype is None:
+            return self.module(x, times, y, return_all=True)
+        with torch.autocast(self.ctx.device.type, dtype=self._autocast_dtype):
+            return self.module(x, times, y, return_all=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss / self.settings.grad_accumulation).backward()
+
+    def step(self) -> float:
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if math.isfinite(grad_norm) or self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # the scaler itself skips non-finite fp16 steps
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ---------------------------------------------------------------------------------------------- EMA
+    def named_local_params(self) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in self.model.named_parameters()}
+
+    def gather_full(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        if not self.ctx.is_main:
+            return None
+        return {name: t.detach().to("cpu", torch.float32, copy=True) for name, t in local.items()}
+
+    # -------------------------------------------------------------------------------------------- state
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": {k: v.detach().contiguous() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def save(self, local_dir: str) -> None:
+        if self.ctx.is_main:
+            self.write_snapshot(_cpu_copy(self._state()), local_dir)
+        self.ctx.barrier()
+
+    def snapshot(self) -> Any:
+        return _cpu_copy(self._state()) if self.ctx.is_main else None
+
+    def write_snapshot(self, snapshot: Any, local_dir: str) -> None:
+        if snapshot is None:
+            return
+        os.makedirs(local_dir, exist_ok=True)
+        save_file(snapshot["model"], os.path.join(local_dir, "model.safetensors"))
+        torch.save(
+            {"optimizer": snapshot["optimizer"], "scaler": snapshot["scaler"]},
+            os.path.join(local_dir, "optimizer.pt"),
+        )
+
+    def load(self, local_dir: str) -> None:
+        weights = load_file(os.path.join(local_dir, "model.safetensors"), device=str(self.ctx.device))
+        self.model.load_state_dict(weights)
+        state = torch.load(os.path.join(local_dir, "optimizer.pt"), map_location=self.ctx.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,148 @@
+"""DeepSpeed engine: ZeRO stage 1, 2 or 3 with a torch AdamW client optimizer (nothing JIT-compiles).
+
+bf16/fp16 use DeepSpeed's own mixed precision (16-bit module weights, fp32 master partitions in the ZeRO
+optimizer); the image input is cast to the module dtype here while times stay fp32 (the model's embedders cast
+their features), so the small VeRA time gaps are not rounded to bf16. Checkpoints use DeepSpeed's
+``save_checkpoint``/``load_checkpoint`` (each rank writes its optimizer partition).
+
+EMA slices: ZeRO-1/2 keep full module weights on every rank (EMA of those); ZeRO-3 keeps each parameter's local
+partition ``param.ds_tensor`` (flat, padded to ``partition_numel``), so the EMA is sharded like the weights and
+is gathered (all_gather per parameter) only for evaluation and export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from deepflow.platform.distributed import DistContext
+from deepflow.platform.engines.base import Engine, OptimizerSettings, build_adamw
+
+__all__ = ["DeepSpeedEngine", "deepspeed_config"]
+
+_TAG = "engine"
+
+
+def _import_deepspeed() -> Any:
+    """Import DeepSpeed; on CPU select its CPU accelerator and skip its JIT-built shared-memory all-reduce
+    (a C++ extension compiled on first use), so collectives go through torch's gloo group unchanged."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import importlib
+
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        # (``import deepspeed.comm.torch as x`` would bind the torch package: deepspeed.comm imports torch)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    return deepspeed
+
+
+def deepspeed_config(settings: OptimizerSettings, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config equivalent of the run's settings."""
+    zero: dict[str, Any] = {"stage": settings.zero_stage, "contiguous_gradients": True, "overlap_comm": False}
+    if settings.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_micro_batch_size_per_gpu": settings.per_rank_batch_size,
+        "gradient_accumulation_steps": settings.grad_accumulation,
+        "train_batch_size": settings.per_rank_batch_size * settings.grad_accumulation * world_size,
+        "gradient_clipping": settings.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": settings.precision == "bf16"},
+        "fp16": {"enabled": settings.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, model: nn.Module, settings: OptimizerSettings, ctx: DistContext) -> None:
+        super().__init__(model, settings, ctx)
+        deepspeed = _import_deepspeed()
+        if ctx.backend is None:
+            raise RuntimeError("deepspeed engine needs torch.distributed initialised")
+        deepspeed.init_distributed(dist_backend=ctx.backend)
+        model.to(ctx.device)
+        if settings.compile:
+            for unit in getattr(model, "shard_units", lambda: list(getattr(model, "blocks", [])))():
+                unit.compile()
+        optimizer = build_adamw([p for p in model.parameters() if p.requires_grad], settings)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(settings, ctx.world_size)
+        )
+        self.module = self.ds
+        self.zero_stage = settings.zero_stage
+        self.sharded_params = settings.zero_stage == 3 and ctx.world_size > 1
+        self._input_dtype = None if settings.precision == "fp32" else settings.dtype
+
+    @contextlib.contextmanager
+    def micro_step(self, boundary: bool) -> Iterator[None]:
+        self.ds.set_gradient_accumulation_boundary(boundary)
+        yield
+
+    def forward_train(self, x: torch.Tensor, times: torch.Tensor, y: torch.Tensor) -> Any:
+        if self._input_dtype is not None:
+            x = x.to(self._input_dtype)
+        return self.ds(x, times, y, return_all=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+
+    def step(self) -> float:
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else math.nan
+
+    def skip_step(self) -> None:
+        self.optimizer.zero_grad()
+        self.ds.zero_grad()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # ---------------------------------------------------------------------------------------------- EMA
+    def named_local_params(self) -> dict[str, torch.Tensor]:
+        if self.zero_stage == 3:
+            return {name: p.ds_tensor for name, p in self.model.named_parameters()}
+        return {name: p for name, p in self.model.named_parameters()}
+
+    def gather_full(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        if self.zero_stage != 3:
+            if not self.ctx.is_main:
+                return None
+            return {name: t.detach().to("cpu", torch.float32, copy=True) for name, t in local.items()}
+        full: dict[str, torch.Tensor] = {}
+        for name, param in self.model.named_parameters():
+            shard = local[name].detach().to(param.ds_tensor.device).contiguous()
+            if self.ctx.world_size > 1:
+                pieces = [torch.empty_like(shard) for _ in range(self.ctx.world_size)]
+                dist.all_gather(pieces, shard)
+                flat = torch.cat(pieces)
+            else:
+                flat = shard
+            if self.ctx.is_main:
+                full[name] = flat[: param.ds_numel].view(param.ds_shape).to("cpu", torch.float32, copy=True)
+        return full if self.ctx.is_main else None
+
+    # -------------------------------------------------------------------------------------------- state
+    def save(self, local_dir: str) -> None:
+        self.ds.save_checkpoint(local_dir, tag=_TAG, client_state={}, save_latest=False)
+
+    def load(self, local_dir: str) -> None:
+        path, _ = self.ds.load_checkpoint(
+            local_dir, tag=_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed checkpoint not found under {local_dir}/{_TAG}")

@@ -1,0 +1,145 @@
+"""FSDP2 engine: ``fully_shard`` on every transformer/VeRA block and on the root.
+
+bf16 precision uses ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``: the sharded parameters and
+AdamW state stay fp32, compute runs in bf16, gradients are reduced in fp32. Times stay fp32 (the root does not
+cast its inputs; the model's embedders cast their own features) so the small VeRA time gaps survive.
+Checkpoints use torch.distributed.checkpoint (DCP) with ``get_state_dict``/``set_state_dict`` for model and
+optimizer; DCP reshards on load, so a run may resume on a different world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from deepflow.platform.distributed import DistContext
+from deepflow.platform.engines.base import Engine, OptimizerSettings, build_adamw
+
+__all__ = ["FSDPEngine"]
+
+
+def _shard_units(model: nn.Module) -> list[nn.Module]:
+    """The model's own list of units (``shard_units()``), else the children of its ``blocks`` ModuleList."""
+    if hasattr(model, "shard_units"):
+        return list(model.shard_units())
+    blocks = getattr(model, "blocks", None)
+    return list(blocks) if isinstance(blocks, nn.ModuleList) else []
+
+
+class FSDPEngine(Engine):
+    name = "fsdp"
+
+    def __init__(self, model: nn.Module, settings: OptimizerSettings, ctx: DistContext) -> None:
+        super().__init__(model, settings, ctx)
+        if not ctx.distributed:
+            # fully_shard needs a process group; a single process gets a 1-rank gloo/nccl group.
+            raise RuntimeError("fsdp engine needs torch.distributed initialised (it is, under any launcher)")
+        self.sharded_params = ctx.world_size > 1
+        model.to(ctx.device)
+        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+        if settings.precision == "bf16":
+            unit_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            root_policy = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+            )
+            self._input_dtype: torch.dtype | None = torch.bfloat16
+        else:
+            unit_policy = root_policy = MixedPrecisionPolicy()
+            self._input_dtype = None
+        for unit in _shard_units(model):
+            if settings.compile:
+                unit.compile()
+            fully_shard(unit, mesh=mesh, mp_policy=unit_policy)
+        fully_shard(model, mesh=mesh, mp_policy=root_policy)
+        self.module = model
+        self.optimizer = build_adamw([p for p in model.parameters() if p.requires_grad], settings)
+        # DCP async_save runs collectives from a background thread: give it its own gloo group so they never
+        # interleave with the training loop's collectives on the default group.
+        self._async_group = dist.new_group(backend="gloo")
+
+    @contextlib.contextmanager
+    def micro_step(self, boundary: bool) -> Iterator[None]:
+        assert isinstance(self.model, FSDPModule)
+        self.model.set_requires_gradient_sync(boundary)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def forward_train(self, x: torch.Tensor, times: torch.Tensor, y: torch.Tensor) -> Any:
+        if self._input_dtype is not None:
+            x = x.to(self._input_dtype)
+        return self.module(x, times, y, return_all=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.settings.grad_accumulation).backward()
+
+    def step(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ---------------------------------------------------------------------------------------------- EMA
+    def named_local_params(self) -> dict[str, torch.Tensor]:
+        return {
+            name: (p.to_local() if isinstance(p, DTensor) else p) for name, p in self.model.named_parameters()
+        }
+
+    def gather_full(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        full: dict[str, torch.Tensor] = {}
+        for name, param in self.model.named_parameters():
+            shard = local[name]
+            if isinstance(param, DTensor):
+                tensor = DTensor.from_local(
+                    shard.to(param.device, param.dtype),
+                    param.device_mesh,
+                    param.placements,
+                    run_check=False,
+                    shape=param.shape,
+                    stride=param.stride(),
+                ).full_tensor()
+            else:
+                tensor = shard
+            if self.ctx.is_main:
+                full[name] = tensor.detach().to("cpu", torch.float32, copy=True)
+        return full if self.ctx.is_main else None
+
+    # -------------------------------------------------------------------------------------------- state
+    def save(self, local_dir: str) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=local_dir)
+
+    def async_save(self, local_dir: str) -> Any:
+        """DCP asynchronous save (stages to CPU, writes in the background); returns a Future."""
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return dcp.async_save(
+            {"model": model_state, "optimizer": optim_state}, checkpoint_id=local_dir, process_group=self._async_group
+        )
+
+    def load(self, local_dir: str) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=local_dir)
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+        )
+        dist.barrier()

@@ -1,0 +1,429 @@
+"""The training loop: batch -> FlowObjective loss terms -> engine backward/step -> EMA -> log -> eval -> checkpoint.
+
+Determinism: every micro-step's objective randomness (times, gaps, noise, label drop) comes from a generator
+seeded from (run.seed, rank, step, micro-step); the loader position and RNG states are checkpointed, so a
+resumed run reproduces the losses of an uninterrupted one exactly.
+
+Non-finite losses: all ranks agree (one small all-reduce per micro-step, which also carries the SIGTERM flag)
+and skip the step: no backward, no update, gradients dropped. After ``schedule.max_nonfinite_steps`` in a row
+the run saves a checkpoint of the last good state (skipped steps never touched the weights) and stops with
+:class:`NonFiniteLossError`.
+
+SIGTERM: the current step finishes, a checkpoint is written (blocking), and :func:`train` returns normally so
+the process exits 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from deepflow.platform.checkpoint import (
+    CheckpointManager,
+    PreemptionHandler,
+    capture_rng_state,
+    export_weights,
+    restore_rng_state,
+)
+from deepflow.platform.config import RunConfig, config_to_yaml, save_config
+from deepflow.platform.distributed import (
+    DistContext,
+    init_distributed,
+    seed_everything,
+    shutdown_distributed,
+    step_generator,
+)
+from deepflow.platform.ema import ShardedEMA
+from deepflow.platform.engines import Engine, build_engine
+from deepflow.platform.tb_logging import TrainLogger, branch_layout, console_logger, peak_tflops_for
+
+__all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "train"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many consecutive steps with a NaN/inf loss (a checkpoint was saved first)."""
+
+
+@dataclass
+class TrainResult:
+    final_step: int
+    status: str  # "completed" | "preempted"
+    losses: dict[int, float] = field(default_factory=dict)  # step -> mean total loss over ranks (log steps)
+    skipped_steps: list[int] = field(default_factory=list)
+
+
+def _build_model(cfg: RunConfig) -> torch.nn.Module:
+    from deepflow.models import create_model
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    return create_model(cfg.model.name, **cfg.model.create_kwargs())
+
+
+def _build_loader(cfg: RunConfig, ctx: DistContext) -> Any:
+    from deepflow.data_pipeline.loader import ShardLoader
+
+    if not cfg.data.url:
+        raise ValueError("data.url: a dataset URL is required for training")
+    return ShardLoader(
+        cfg.data.url,
+        batch_size=cfg.per_rank_batch_size(ctx.world_size),
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=cfg.run.seed,
+        flip=cfg.data.flip,
+        storage_options=cfg.data.resolved_storage_options(),
+    )
+
+
+def _train_flops_per_image(model: torch.nn.Module) -> float:
+    """FLOPs of one training step per image: 2 FLOPs per MAC x (forward + 2x for backward)."""
+    if not hasattr(model, "flops_per_image"):
+        return 0.0
+    try:
+        macs = model.flops_per_image(train=True, attention=True)
+    except TypeError:
+        macs = model.flops_per_image(train=True)
+    return 6.0 * float(macs)
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # ru_maxrss is in KiB on Linux
+
+
+class Trainer:
+    """Owns the engine, EMA, loader, checkpoints and logger of one run on one rank."""
+
+    def __init__(self, cfg: RunConfig, ctx: DistContext) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.log = console_logger(ctx.rank)
+        self.config_yaml = config_to_yaml(cfg)
+        model = _build_model(cfg)
+        self.num_branches = int(getattr(model, "num_branches", 1))
+        self.num_classes = int(getattr(model, "num_classes", cfg.model.num_classes))
+        self.flops_per_image = _train_flops_per_image(model)
+        from deepflow.models.flow import FlowObjective
+
+        self.objective = FlowObjective(
+            time_sampling=cfg.objective.time_sampling,
+            alpha=cfg.objective.alpha,
+            betas=cfg.objective.betas,
+            acc_weight=cfg.objective.acc_weight,
+            proj_weight=cfg.objective.proj_weight,
+            label_dropout=float(getattr(model, "class_dropout", cfg.model.class_dropout)),
+        )
+        self.engine: Engine = build_engine(cfg, model, ctx)
+        self.ema = (
+            ShardedEMA(self.engine.named_local_params(), cfg.ema.decay, cfg.ema.start_step, cfg.ema.every)
+            if cfg.ema.enabled
+            else None
+        )
+        self.loader = _build_loader(cfg, ctx)
+        self.ssl = None
+        if cfg.model.ssl_align:
+            from deepflow.platform.ssl import DinoFeatures
+
+            self.ssl = DinoFeatures(cfg.ssl.encoder, image_size=cfg.ssl.image_size, device=ctx.device)
+        self.checkpoints = CheckpointManager(
+            cfg.checkpoint_url,
+            ctx,
+            keep_last=cfg.checkpoint.keep_last,
+            async_save=cfg.checkpoint.async_save,
+            storage_options=cfg.checkpoint_storage_options(),
+        )
+        self.logger = TrainLogger(
+            cfg.tensorboard_url,
+            enabled=ctx.is_main,
+            storage_options=cfg.tensorboard_storage_options(),
+        )
+        self.peak_tflops = cfg.logging.peak_tflops or peak_tflops_for(ctx.device, cfg.precision)
+        self.evaluator = None
+        if cfg.eval.every > 0:
+            from deepflow.platform.evaluation import Evaluator
+
+            self.evaluator = Evaluator(cfg, ctx, self.logger, manifest=getattr(self.loader, "manifest", None))
+        self.step = 0
+        self.consecutive_nonfinite = 0
+        self.skipped: list[int] = []
+
+    # ----------------------------------------------------------------------------------------- state
+    def _rank_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "loader": self.loader.state_dict(),
+            "rng": capture_rng_state(),
+            "skipped": self.skipped[-100:],
+        }
+
+    def save_checkpoint(self, blocking: bool | None = None) -> float:
+        stall = self.checkpoints.save(
+            self.step, self.engine, self.ema, self._rank_state(), self.config_yaml, blocking=blocking
+        )
+        self.log.info(f"checkpoint step {self.step} -> {self.checkpoints.step_path(self.step)} (stall {stall:.2f}s)")
+        return stall
+
+    def resume(self) -> None:
+        if not self.cfg.checkpoint.resume:
+            return
+        latest = self.checkpoints.latest_step()
+        if latest is None:
+            return
+        state = self.checkpoints.load(latest, self.engine, self.ema)
+        self.loader.load_state_dict(state["loader"])
+        restore_rng_state(state["rng"])
+        self.skipped = list(state.get("skipped", []))
+        self.step = latest
+        self.log.info(f"resumed from {self.checkpoints.step_path(latest)}")
+
+    # ------------------------------------------------------------------------------------------ loop
+    def _lr(self, step: int) -> float:
+        warmup = self.cfg.optim.warmup_steps
+        return self.cfg.optim.lr * (min(1.0, step / warmup) if warmup > 0 else 1.0)
+
+    @property
+    def _flag_device(self) -> torch.device:
+        """Where small control tensors live: the GPU for nccl, the CPU for gloo / no group."""
+        return self.ctx.device if self.ctx.backend == "nccl" else torch.device("cpu")
+
+    def _agree(self, loss: torch.Tensor, stop: bool) -> tuple[bool, bool]:
+        """One all-reduce (MAX) of [loss is NaN/inf, stop requested]: every rank takes the same decision."""
+        nonfinite = (~torch.isfinite(loss.detach())).float().reshape(1).to(self._flag_device)
+        flags = torch.cat([nonfinite, torch.tensor([float(stop)], device=self._flag_device)])
+        if self.ctx.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite_any, stop_any = flags.tolist()
+        return nonfinite_any > 0, stop_any > 0
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        if not self.ctx.distributed or not values:
+            return values
+        keys = sorted(values)
+        tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self._flag_device)
+        dist.all_reduce(tensor)
+        tensor /= self.ctx.world_size
+        return dict(zip(keys, tensor.cpu().tolist()))
+
+    def _train_step(self, data_iter: Any, preempt: PreemptionHandler) -> tuple[dict[str, float], float, bool, float]:
+        """One optimizer step. Returns (loss terms of this rank, grad norm, stop requested, data-wait seconds)."""
+        cfg = self.cfg
+        accumulation = cfg.schedule.grad_accumulation
+        self.engine.set_lr(self._lr(self.step))
+        sums: dict[str, float] = {}
+        data_wait = 0.0
+        nonfinite = stop = False
+        for micro in range(accumulation):
+            wait_start = time.perf_counter()
+            batch = next(data_iter)
+            x = batch["x"].to(self.ctx.device, non_blocking=True)
+            y = batch["y"].to(self.ctx.device, non_blocking=True)
+            data_wait += time.perf_counter() - wait_start
+            ssl_targets = self.ssl(batch["image"]) if self.ssl is not None else None
+            generator = step_generator(cfg.run.seed, self.ctx.rank, self.step, micro, self.ctx.device)
+            with self.engine.micro_step(boundary=micro == accumulation - 1):
+                terms = self.objective.loss(
+                    self.engine.forward_train,
+                    x,
+                    y,
+                    generator,
+                    ssl_targets=ssl_targets,
+                    num_branches=self.num_branches,
+                    num_classes=self.num_classes,
+                )
+                loss = terms["total"]
+                if self.step in cfg.debug.inject_nan_steps:
+                    loss = loss * float("nan")
+                nonfinite, stop_flag = self._agree(loss, preempt.requested)
+                stop = stop or stop_flag
+                if nonfinite:
+                    break
+                self.engine.backward(loss)
+            values = torch.stack([value.detach().float() for value in terms.values()]).tolist()  # one sync
+            for name, value in zip(terms, values):
+                sums[name] = sums.get(name, 0.0) + value / accumulation
+        if nonfinite:
+            self.engine.skip_step()
+            return {}, math.nan, stop, data_wait
+        grad_norm = self.engine.step()
+        if self.ema is not None:
+            self.ema.update(self.engine.named_local_params(), self.step)
+        return sums, grad_norm, stop, data_wait
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        self.resume()
+        if self.ctx.is_main and self.step == 0:
+            save_config(cfg, cfg.run.output_dir.rstrip("/") + "/config.yaml", cfg.output_storage_options())
+            self.logger.set_layout(branch_layout(self.num_branches, cfg.model.ssl_align))
+            self.logger.text("config", "```\n" + self.config_yaml + "\n```")
+        preempt = PreemptionHandler()
+        result = TrainResult(final_step=self.step, status="completed")
+        data_iter = iter(self.loader)
+        window = {"start": time.perf_counter(), "steps": 0, "wait": 0.0, "sums": {}, "count": 0}
+        self.engine.train(True)
+        total = cfg.schedule.total_steps
+        try:
+            while self.step < total:
+                self.step += 1
+                terms, grad_norm, stop, wait = self._train_step(data_iter, preempt)
+                window["steps"] += 1
+                window["wait"] += wait
+                if terms:
+                    self.consecutive_nonfinite = 0
+                    window["count"] += 1
+                    for key, value in terms.items():
+                        window["sums"][key] = window["sums"].get(key, 0.0) + value
+                    window["grad_norm"] = grad_norm
+                else:
+                    self.consecutive_nonfinite += 1
+                    self.skipped.append(self.step)
+                    self.log.warning(
+                        f"step {self.step}: non-finite loss on some rank; step skipped "
+                        f"({self.consecutive_nonfinite} in a row)"
+                    )
+                    self.logger.scalars(self.step, {"optim/skipped_steps": float(len(self.skipped))})
+                self.checkpoints.poll()
+                if self.step % cfg.schedule.log_every == 0 or self.step == total or self.step % cfg.logging.console_every == 0:
+                    self._log_window(window, result)
+                if self.consecutive_nonfinite >= cfg.schedule.max_nonfinite_steps:
+                    self.save_checkpoint(blocking=True)
+                    raise NonFiniteLossError(
+                        f"loss was NaN/inf for {self.consecutive_nonfinite} consecutive steps (up to step "
+                        f"{self.step}); stopped. The last good weights are in {self.checkpoints.step_path(self.step)}"
+                    )
+                if self.evaluator is not None and self.step % cfg.eval.every == 0:
+                    self.evaluate()
+                if stop:
+                    self.log.warning(f"termination signal received: saving a checkpoint at step {self.step}")
+                    self.save_checkpoint(blocking=True)
+                    result.status = "preempted"
+                    break
+                if self.step % cfg.checkpoint.every == 0 and self.step < total:
+                    self.save_checkpoint()
+                self._debug_hooks()
+            if result.status == "completed":
+                self.checkpoints.wait()
+                if self.checkpoints.latest_step() != self.step:
+                    self.save_checkpoint(blocking=True)
+                if cfg.checkpoint.export_ema:
+                    self.export()
+        finally:
+            preempt.restore()
+            self.logger.close()
+            close_loader = getattr(self.loader, "close", None)
+            if close_loader is not None:
+                close_loader()
+        result.final_step = self.step
+        result.skipped_steps = list(self.skipped)
+        return result
+
+    def _debug_hooks(self) -> None:
+        debug = self.cfg.debug
+        if debug.step_sleep_s:
+            time.sleep(debug.step_sleep_s)
+        if debug.sigterm_at_step is not None and self.step == debug.sigterm_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if debug.sigkill_at_step is not None and self.step == debug.sigkill_at_step and self.ctx.is_main:
+            self.logger.sync()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _log_window(self, window: dict[str, Any], result: TrainResult) -> None:
+        cfg = self.cfg
+        now = time.perf_counter()
+        elapsed = max(now - window["start"], 1e-9)
+        steps = window["steps"]
+        count = max(window["count"], 1)
+        local_terms = {f"loss/{k}": v / count for k, v in window["sums"].items()}
+        is_log_step = self.step % cfg.schedule.log_every == 0 or self.step == cfg.schedule.total_steps
+        if is_log_step:
+            terms = self._mean_over_ranks(local_terms)
+            images_per_s = steps * cfg.data.global_batch_size / elapsed
+            tflops = images_per_s * self.flops_per_image / self.ctx.world_size / 1e12
+            scalars = dict(terms)
+            scalars.update(
+                {
+                    "optim/grad_norm": float(window.get("grad_norm", math.nan)),
+                    "optim/lr": self._lr(self.step),
+                    "perf/images_per_s": images_per_s,
+                    "perf/tflops": tflops,
+                    "perf/peak_mem_gb": _peak_memory_gb(self.ctx.device),
+                    "perf/data_wait_frac": window["wait"] / elapsed,
+                }
+            )
+            if self.peak_tflops:
+                scalars["perf/mfu"] = tflops / self.peak_tflops
+            self.logger.scalars(self.step, scalars)
+            if "loss/total" in terms:
+                result.losses[self.step] = terms["loss/total"]
+        if self.step % cfg.logging.console_every == 0 or self.step == cfg.schedule.total_steps:
+            loss = local_terms.get("loss/total", math.nan)
+            rate = steps / elapsed
+            eta = (cfg.schedule.total_steps - self.step) / max(rate, 1e-9)
+            self.log.info(
+                f"step {self.step}/{cfg.schedule.total_steps} loss {loss:.4f} "
+                f"grad {window.get('grad_norm', math.nan):.3f} lr {self._lr(self.step):.2e} {rate:.2f} it/s "
+                f"{rate * cfg.data.global_batch_size:.1f} img/s data {window['wait'] / elapsed:.0%} "
+                f"eta {int(eta) // 3600:d}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}"
+            )
+        if is_log_step or self.step % cfg.logging.console_every == 0:
+            window.update({"start": now, "steps": 0, "wait": 0.0, "sums": {}, "count": 0})
+
+    # ------------------------------------------------------------------------------------ eval/export
+    def ema_weights(self) -> dict[str, torch.Tensor] | None:
+        """Collective: full EMA weights (fp32, CPU) on rank 0; the live weights when EMA is disabled."""
+        if self.ema is None:
+            return self.engine.full_state_dict()
+        return self.engine.gather_full(self.ema.state_dict())
+
+    def evaluate(self) -> dict[str, float]:
+        assert self.evaluator is not None
+        weights = self.ema_weights()
+        return self.evaluator.run(weights, self.step)
+
+    def export(self) -> None:
+        weights = self.ema_weights()
+        if self.ctx.is_main and weights is not None:
+            url = self.cfg.run.output_dir.rstrip("/") + "/export"
+            export_weights(
+                weights,
+                url,
+                {
+                    "model": self.cfg.model.name,
+                    "kwargs": self.cfg.model.create_kwargs(),
+                    "step": self.step,
+                    "ema": self.ema is not None,
+                    "ema_decay": self.cfg.ema.decay,
+                    "manifest": getattr(self.loader, "manifest", None),
+                },
+                self.cfg.output_storage_options(),
+            )
+            self.log.info(f"exported EMA weights to {url}/export.safetensors")
+
+
+def train(cfg: RunConfig, local_rank_arg: int | None = None) -> TrainResult:
+    """Full lifecycle on this process: process group, trainer, run, clean shutdown."""
+    require_group = cfg.distributed.engine in ("fsdp", "deepspeed")
+    ctx = init_distributed(
+        cfg.distributed.backend, cfg.distributed.timeout_minutes, local_rank_arg, require_group=require_group
+    )
+    cfg.per_rank_batch_size(ctx.world_size)  # fail early with the field path
+    seed_everything(cfg.run.seed, ctx.rank)
+    try:
+        trainer = Trainer(cfg, ctx)
+        result = trainer.run()
+    except NonFiniteLossError:
+        shutdown_distributed(ctx)
+        raise
+    shutdown_distributed(ctx)
+    return result

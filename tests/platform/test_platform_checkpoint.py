@@ -1,0 +1,143 @@
+"""CheckpointManager with a real (single-process) DDP engine: commit marker, newest-committed resume, retention,
+asynchronous saving, object-store staging on the moto S3 server, RNG round trip, safetensors export."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deepflow.models import create_model
+from deepflow.models.flow import FlowObjective
+from deepflow.platform.checkpoint import (
+    CheckpointManager,
+    capture_rng_state,
+    export_weights,
+    restore_rng_state,
+)
+from deepflow.platform.config import load_config
+from deepflow.platform.distributed import DistContext, step_generator
+from deepflow.platform.ema import ShardedEMA
+from deepflow.platform.engines import build_engine
+
+CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
+
+
+def _engine_and_ema(seed: int = 0):  # noqa: ANN202
+    cfg = load_config(None, ["data.global_batch_size=8", "optim.lr=1e-2"])
+    torch.manual_seed(seed)
+    model = create_model("DeepFlow-S/2-2T", depth=2, hidden_size=32, num_heads=2, input_size=8, in_channels=1,
+                         num_classes=10, acc_widths=(16, 16, 16))
+    engine = build_engine(cfg, model, CTX)
+    return engine, ShardedEMA(engine.named_local_params(), decay=0.5)
+
+
+def _train(engine, ema, steps: range) -> list[float]:  # noqa: ANN001
+    objective = FlowObjective()
+    data = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 1, 8, 8, generator=data), torch.randint(0, 10, (8,), generator=data)
+    losses = []
+    for step in steps:
+        with engine.micro_step(True):
+            terms = objective.loss(engine.forward_train, x, y, step_generator(0, 0, step, 0, CTX.device),
+                                   num_branches=2, num_classes=10)
+            engine.backward(terms["total"])
+        engine.step()
+        ema.update(engine.named_local_params(), step)
+        losses.append(float(terms["total"].detach()))
+    return losses
+
+
+def test_commit_resume_retention_and_partial_folders(tmp_path: Path) -> None:
+    engine, ema = _engine_and_ema()
+    manager = CheckpointManager(str(tmp_path / "ckpt"), CTX, keep_last=2)
+    assert manager.latest_step() is None
+    for step in (1, 2, 3):
+        _train(engine, ema, range(step, step + 1))
+        manager.save(step, engine, ema, {"loader": {"pos": step}, "rng": capture_rng_state()}, "run: {}\n")
+    # an interrupted later save: files but no COMMIT -> ignored
+    (tmp_path / "ckpt" / "step-0000004" / "engine").mkdir(parents=True)
+    assert manager.committed_steps() == [2, 3]  # keep_last=2 pruned step 1
+    assert manager.latest_step() == 3
+    reference = _train(engine, ema, range(4, 7))
+
+    fresh, fresh_ema = _engine_and_ema(seed=123)
+    state = CheckpointManager(str(tmp_path / "ckpt"), CTX).load(3, fresh, fresh_ema)
+    assert state["loader"] == {"pos": 3}
+    assert _train(fresh, fresh_ema, range(4, 7)) == reference  # optimizer state restored exactly
+    for name, tensor in ema.state_dict().items():
+        assert torch.equal(fresh_ema.state_dict()[name], tensor)
+    meta = json.loads((tmp_path / "ckpt" / "step-0000003" / "COMMIT").read_text())
+    assert meta["step"] == 3 and meta["engine"] == "ddp"
+    assert (tmp_path / "ckpt" / "step-0000003" / "config.yaml").read_text() == "run: {}\n"
+
+
+def test_async_save_commits_later_and_matches_sync(tmp_path: Path) -> None:
+    engine, ema = _engine_and_ema()
+    _train(engine, ema, range(1, 3))
+    sync = CheckpointManager(str(tmp_path / "sync"), CTX)
+    sync.save(2, engine, ema, {"loader": {}}, "")
+    manager = CheckpointManager(str(tmp_path / "async"), CTX, async_save=True)
+    manager.save(2, engine, ema, {"loader": {}}, "")
+    assert manager.pending is not None
+    _train(engine, ema, range(3, 5))  # the weights move on while the snapshot is written
+    manager.wait()
+    assert manager.pending is None and manager.committed_steps() == [2]
+    a = load_file(str(tmp_path / "sync" / "step-0000002" / "engine" / "model.safetensors"))
+    b = load_file(str(tmp_path / "async" / "step-0000002" / "engine" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_object_store_checkpoint_and_export(s3_server, tmp_path: Path) -> None:  # noqa: ANN001
+    bucket = s3_server.make_bucket("platform-checkpoint-unit")
+    options = s3_server.storage_options
+    engine, ema = _engine_and_ema()
+    _train(engine, ema, range(1, 3))
+    manager = CheckpointManager(f"{bucket}/run/checkpoints", CTX, keep_last=1, storage_options=options,
+                                async_save=True)
+    manager.save(2, engine, ema, {"loader": {"epoch": 0}}, "a: 1\n")
+    manager.wait()
+    reference = _train(engine, ema, range(3, 5))
+    fs = fsspec.filesystem("s3", **options)
+    files = set(fs.find(f"{bucket}/run/checkpoints/step-0000002"))
+    for name in ("COMMIT", "meta.json", "config.yaml", "ema/full.safetensors", "engine/model.safetensors",
+                 "engine/optimizer.pt", "state/rank-00000.json"):
+        assert f"platform-checkpoint-unit/run/checkpoints/step-0000002/{name}" in files
+    fresh, fresh_ema = _engine_and_ema(seed=9)
+    reader = CheckpointManager(f"{bucket}/run/checkpoints", CTX, storage_options=options)
+    assert reader.latest_step() == 2
+    assert reader.load(2, fresh, fresh_ema)["loader"] == {"epoch": 0}
+    assert _train(fresh, fresh_ema, range(3, 5)) == reference
+
+    export_weights(fresh_ema.state_dict(), f"{bucket}/run/export", {"model": "DeepFlow-S/2-2T", "step": 4}, options)
+    with fs.open(f"{bucket}/run/export/export.safetensors", "rb") as handle:
+        (tmp_path / "e.safetensors").write_bytes(handle.read())
+    exported = load_file(str(tmp_path / "e.safetensors"))
+    assert all(torch.equal(exported[k], v) for k, v in fresh_ema.state_dict().items())
+    assert json.loads(fs.cat(f"{bucket}/run/export/export.json"))["model"] == "DeepFlow-S/2-2T"
+
+
+def test_rng_state_round_trip() -> None:
+    state = capture_rng_state()
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    json.dumps(state)  # JSON-able
+    torch.rand(5), random.random(), np.random.rand()
+    restore_rng_state(state)
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
+
+
+def test_world_size_mismatch_is_reported(tmp_path: Path) -> None:
+    engine, ema = _engine_and_ema()
+    manager = CheckpointManager(str(tmp_path), CTX)
+    manager.save(1, engine, ema, {}, "")
+    meta = tmp_path / "step-0000001" / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "world_size": 4}))
+    with pytest.raises(RuntimeError, match="written by 4 ranks"):
+        manager.load(1, engine, ema)

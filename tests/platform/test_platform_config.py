@@ -1,0 +1,136 @@
+"""RunConfig: YAML + dotted overrides, errors naming the field path, shipped configs, the CLI's early rejection."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from deepflow.platform.config import ConfigError, RunConfig, config_to_yaml, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Exact parameter counts of REFERENCE.md (32x32x4 latents, 1000 classes, no SSL projector).
+PAPER_PARAMS = {
+    ("SiT-B/2", 12, 32): 130_500_112,
+    ("DeepFlow-B/2-2T", 12, 32): 166_201_392,
+    ("DeepFlow-L/2-3T", 18, 32): 433_438_768,
+    ("DeepFlow-XL/2-3T", 24, 32): 681_559_344,
+    ("DeepFlow-XL/2-3T", 24, 64): 682_444_080,
+    ("SiT-XL/2", 28, 64): 675_995_920,
+}
+
+
+def test_overrides_are_parsed_as_yaml_scalars(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 1.0e-4\nmodel:\n  name: SiT-B/2\n")
+    cfg = load_config(path, ["optim.lr=2e-4", "checkpoint.async=true", "optim.betas=[0.8, 0.95]",
+                             "model.depth=null", "debug.inject_nan_steps=[3, 5]", "run.name=a=b"])
+    assert cfg.optim.lr == pytest.approx(2e-4)
+    assert cfg.checkpoint.async_save is True
+    assert cfg.optim.betas == (0.8, 0.95)
+    assert cfg.model.depth is None and cfg.model.name == "SiT-B/2"
+    assert cfg.debug.inject_nan_steps == [3, 5]
+    assert cfg.run.name == "a=b"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.lr=0"], "optim.lr: Input should be greater than 0"),
+        (["optim.lrr=1"], "optim.lrr: Extra inputs are not permitted"),
+        (["eval.sampler.method=ddim"], "eval.sampler.method: Input should be 'sde', 'euler' or 'heun'"),
+        (["distributed.zero_stage=4"], "distributed.zero_stage: Input should be 1, 2 or 3"),
+        (["optim.betas=[0.9, 1.5]"], "optim.betas: Value error, each beta must lie in [0, 1)".replace("Value error, ", "")),
+        (["precision=fp16", "distributed.engine=fsdp"], "precision: fp16 is not supported with distributed.engine=fsdp"),
+        (["schedule=3"], "schedule: Input should be a valid dictionary"),
+        (["optim.lr"], "expected dotted.path=value"),
+    ],
+)
+def test_bad_values_name_the_field_path(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+
+
+def test_unknown_top_level_section_in_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("optimizer:\n  lr: 1\nschedule:\n  total_steps: -5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    lines = str(info.value).splitlines()
+    assert "optimizer: Extra inputs are not permitted" in lines
+    assert "schedule.total_steps: Input should be greater than or equal to 1" in lines
+
+
+def test_batch_divisibility_names_the_field() -> None:
+    cfg = load_config(None, ["data.global_batch_size=10", "schedule.grad_accumulation=2"])
+    assert cfg.per_rank_batch_size(1) == 5
+    with pytest.raises(ConfigError, match="data.global_batch_size: 10 is not divisible"):
+        cfg.per_rank_batch_size(2)
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, ["optim.lr=3e-4", "checkpoint.async=true", "model.extra={acc_widths: [8, 8, 8]}"])
+    save_config(cfg, tmp_path / "sub" / "config.yaml")
+    again = load_config(tmp_path / "sub" / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load(config_to_yaml(cfg))["checkpoint"]["async"] is True
+
+
+def _shipped_configs() -> list[Path]:
+    paths = sorted((REPO / "configs").glob("imagenet*/*.yaml")) + sorted((REPO / "configs").glob("demo/train-*.yaml"))
+    return [p for p in paths if "precompute" not in p.name]
+
+
+def test_shipped_configs_validate_and_build_the_paper_models() -> None:
+    from deepflow.models import create_model
+
+    paths = _shipped_configs()
+    names = {p.relative_to(REPO / "configs").as_posix() for p in paths}
+    for required in ("imagenet256/sit-b2.yaml", "imagenet256/deepflow-b2-2t.yaml", "imagenet256/deepflow-l2-3t.yaml",
+                     "imagenet256/deepflow-xl2-3t.yaml", "imagenet256/deepflow-xl2-3t-ssl.yaml",
+                     "imagenet512/deepflow-xl2-3t.yaml", "imagenet512/deepflow-xl2-3t-ssl.yaml",
+                     "demo/train-digits.yaml"):
+        assert required in names
+    seen = set()
+    for path in paths:
+        cfg: RunConfig = load_config(path)
+        key = (cfg.model.name, cfg.model.depth, cfg.model.input_size)
+        if key in PAPER_PARAMS and not cfg.model.ssl_align:
+            with torch.device("meta"):
+                model = create_model(cfg.model.name, **cfg.model.create_kwargs())
+            assert sum(p.numel() for p in model.parameters()) == PAPER_PARAMS[key], path
+            seen.add(key)
+        if cfg.model.ssl_align:  # DINOv2-B/14 tokens must match the latent token grid
+            assert (cfg.ssl.image_size // 14) == cfg.model.input_size // 2, path
+    assert seen == set(PAPER_PARAMS)
+
+
+def test_train_cli_rejects_a_bad_config_before_any_process_group(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("run:\n  name: x\n")
+    env = {**os.environ, "MASTER_PORT": "1", "WORLD_SIZE": "2", "RANK": "0"}  # a group would hang/fail
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(config), "--set", "optim.lr=-1",
+         "--set", "ema.decay=2"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert "optim.lr: Input should be greater than 0" in proc.stderr
+    assert "ema.decay: Input should be less than or equal to 1" in proc.stderr
+
+
+def test_saved_config_never_holds_credentials(tmp_path: Path) -> None:
+    cfg = load_config(None, ['checkpoint.storage_options={"key": "AKIA123", "secret": "s3cr3t", '
+                             '"client_kwargs": {"endpoint_url": "http://minio:9000"}}',
+                             'data.storage_options={"token": "abc"}'])
+    text = config_to_yaml(cfg)
+    assert "AKIA123" not in text and "s3cr3t" not in text and "abc" not in text
+    assert "http://minio:9000" in text and text.count("'***'") == 3
+    assert cfg.checkpoint.storage_options["secret"] == "s3cr3t"  # the live config keeps them
