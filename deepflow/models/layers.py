@@ -33,10 +33,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def multihead_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+def multihead_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Multi-head scaled dot-product attention on packed heads.
 
     q [B,Nq,D], k/v [B,Nk,D] with D = num_heads * head_dim -> [B,Nq,D]. Softmax scale 1/sqrt(head_dim).
+    ``attn_mask``: optional bool mask broadcastable to [B, heads, Nq, Nk] (True = attend).
     """
     b, nq, d = q.shape
     nk = k.shape[1]
@@ -44,7 +47,7 @@ def multihead_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads:
     q = q.view(b, nq, num_heads, head_dim).transpose(1, 2)
     k = k.view(b, nk, num_heads, head_dim).transpose(1, 2)
     v = v.view(b, nk, num_heads, head_dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return out.transpose(1, 2).reshape(b, nq, d)
 
 

@@ -18,23 +18,11 @@ unchanged from branch i to branch i+1. The model draws no randomness: text dropo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from deepflow.models.branches import BranchOutputs, DeepFlowBranches
 from deepflow.models.conditions import check_text_condition
-from deepflow.models.dit import BranchOutputs, _check_key_layers, build_projector
-from deepflow.models.layers import (
-    FinalLayer,
-    Mlp,
-    PatchEmbed,
-    TimestepEmbedder,
-    _xavier_linears,
-    modulate,
-    sincos_pos_embed_2d,
-    unpatchify,
-)
-from deepflow.models.vera import VeRABlock
+from deepflow.models.layers import Mlp, _xavier_linears, modulate, multihead_sdpa
 
 __all__ = ["DeepFlowMMDiT", "JointBlock", "JointStream", "PooledTextEmbedder", "joint_attention"]
 
@@ -45,14 +33,7 @@ def joint_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, num_heads: int
 ) -> torch.Tensor:
     """Masked multi-head SDPA: q [B,Nq,H], k/v [B,Nk,H], key_mask [B,Nk] bool (True = attend) -> [B,Nq,H]."""
-    b, nq, d = q.shape
-    nk = k.shape[1]
-    head_dim = d // num_heads
-    q = q.view(b, nq, num_heads, head_dim).transpose(1, 2)
-    k = k.view(b, nk, num_heads, head_dim).transpose(1, 2)
-    v = v.view(b, nk, num_heads, head_dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
-    return out.transpose(1, 2).reshape(b, nq, d)
+    return multihead_sdpa(q, k, v, num_heads, attn_mask=key_mask[:, None, None, :])
 
 
 class PooledTextEmbedder(nn.Module):
@@ -180,7 +161,7 @@ class JointBlock(nn.Module):
         self.text.reset_parameters()
 
 
-class DeepFlowMMDiT(nn.Module):
+class DeepFlowMMDiT(DeepFlowBranches):
     """DeepFlow-MMDiT-{depth}-{k}T (k = len(key_layers)); a plain MMDiT when k = 1.
 
     ``cond`` is a text dict {"text_emb": [B,L,D], "text_mask": [B,L] bool, "text_pooled": [B,P]}; any L works
@@ -211,100 +192,32 @@ class DeepFlowMMDiT(nn.Module):
         projector_dim: int = 2048,
         acc_widths: tuple[int, int, int] = (2048, 4096, 2048),
     ) -> None:
-        super().__init__()
-        key_layers = list(key_layers) if key_layers is not None else [depth]
-        _check_key_layers(key_layers, depth)
-        if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden size {hidden_size} is not divisible by num_heads {num_heads}")
-        if ssl_align and len(key_layers) < 2:
-            raise ValueError("ssl_align needs at least 2 branches: the SSL projectors sit on the VeRA blocks")
-        if not 0.0 <= text_dropout < 1.0:
-            raise ValueError(f"text_dropout must be in [0, 1), got {text_dropout}")
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.hidden_size = hidden_size
-        self.depth = depth
-        self.num_heads = num_heads
-        self.mlp_ratio = mlp_ratio
+        super().__init__(
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, key_layers=key_layers, ssl_align=ssl_align,
+            z_dim=z_dim, projector_dim=projector_dim, acc_widths=acc_widths, dropout_name="text_dropout",
+            dropout=text_dropout, check_heads=True,
+        )
         self.context_dim = context_dim
         self.pooled_dim = pooled_dim if pooled_dim is not None else context_dim
         self.max_text_length = max_text_length
-        self.text_dropout = text_dropout
-        self.class_dropout = text_dropout  # the trainer's name for "condition-drop probability"
-        self.key_layers = key_layers
-        self.num_branches = len(key_layers)
+        self.text_dropout = text_dropout  # also ``class_dropout``, the trainer's name for the condition-drop rate
         self.qk_norm = qk_norm
-        self.ssl_align = ssl_align
-        self.z_dim = z_dim
-        self.projector_dim = projector_dim
-        self.acc_widths = tuple(acc_widths)
-        self.grid_size = input_size // patch_size
-        self.gradient_checkpointing = False
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
         self.pooled_embedder = PooledTextEmbedder(self.pooled_dim, hidden_size)
         self.context_embedder = nn.Linear(context_dim, hidden_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList(
+        self._build_trunk(nn.ModuleList(
             JointBlock(hidden_size, num_heads, mlp_ratio, qk_norm, context_pre_only=i == depth - 1)
             for i in range(depth)
-        )
-        k = self.num_branches
-        if k > 1:
-            self.dt_embedder = TimestepEmbedder(2 * hidden_size)
-            self.vera_blocks = nn.ModuleList(VeRABlock(hidden_size, num_heads, self.acc_widths) for _ in range(k - 1))
-            self.acc_head = FinalLayer(hidden_size, patch_size, in_channels)
-        # velocity_heads[0] is shared by every intermediate branch; velocity_heads[-1] is the last branch's.
-        self.velocity_heads = nn.ModuleList(
-            FinalLayer(hidden_size, patch_size, in_channels) for _ in range(1 if k == 1 else 2)
-        )
-        if ssl_align:
-            self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, z_dim) for _ in range(k - 1))
+        ))
         self.init_weights()
 
-    # ------------------------------------------------------------------ setup
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter (DiT/SD3 scheme; zero-init adaLN and heads). Also after ``to_empty``."""
-        _xavier_linears(self)
-        self.x_embedder.reset_parameters()
-        self.t_embedder.reset_parameters()
+    def _reset_condition_parameters(self) -> None:
+        """Pooled-text embedder and the qk-norm RMSNorms (the context embedder is a plain xavier Linear)."""
         self.pooled_embedder.reset_parameters()
-        for block in self.blocks:
-            block.reset_parameters()
         for m in self.modules():
             if isinstance(m, nn.RMSNorm):
                 m.reset_parameters()
-        for head in self.velocity_heads:
-            head.reset_parameters()
-        if self.num_branches > 1:
-            self.dt_embedder.reset_parameters()
-            for vera in self.vera_blocks:
-                vera.reset_parameters()
-            self.acc_head.reset_parameters()
-        with torch.no_grad():
-            pe = sincos_pos_embed_2d(self.hidden_size, self.grid_size)
-            self.pos_embed.copy_(pe.unsqueeze(0).to(self.pos_embed.device, self.pos_embed.dtype))
-
-    def shard_units(self) -> list[nn.Module]:
-        """Joint blocks then VeRA blocks: the units to wrap one by one (FSDP2 ``fully_shard``)."""
-        units: list[nn.Module] = list(self.blocks)
-        if self.num_branches > 1:
-            units.extend(self.vera_blocks)
-        return units
-
-    def branch_ranges(self) -> list[tuple[int, int]]:
-        """[start, end) block indices of each branch."""
-        starts = [0] + self.key_layers[:-1]
-        return list(zip(starts, self.key_layers))
-
-    @property
-    def num_tokens(self) -> int:
-        """Image tokens N."""
-        return self.grid_size**2
 
     # ---------------------------------------------------------------- forward
     def forward_train(self, x: torch.Tensor, times: torch.Tensor, cond: TextCondition) -> BranchOutputs:
@@ -325,63 +238,22 @@ class DeepFlowMMDiT(nn.Module):
             )
         cond = check_text_condition(cond)
         b = x.shape[0]
-        k = self.num_branches
-        if t.ndim == 0:
-            t = t.expand(b)
-        per_branch = t.ndim == 2
-        if per_branch and t.shape[1] != k:
-            raise ValueError(f"times must be [B, {k}] for a {k}-branch model, got {tuple(t.shape)}")
-        if return_all and not per_branch:
-            raise ValueError(f"return_all=True needs times [B, {k}], got {tuple(t.shape)}")
-
+        t, per_branch = self._check_times(x, t, return_all)
         x_tokens = self.x_embedder(x) + self.pos_embed
         ctx = self.context_embedder(cond["text_emb"].to(self.context_embedder.weight.dtype))
         text_mask = cond["text_mask"]
         key_mask = torch.cat([text_mask, text_mask.new_ones(b, x_tokens.shape[1])], dim=1)  # [B, L+N]
-        pooled = self.pooled_embedder(cond["text_pooled"])
-        if per_branch:
-            t_emb = self.t_embedder(t.transpose(0, 1).reshape(-1)).view(k, b, -1)
-            conds = [t_emb[i] + pooled for i in range(k)]
-        else:
-            conds = [self.t_embedder(t) + pooled] * k
-        gaps: list[torch.Tensor] = []
-        if k > 1:
-            if per_branch:
-                dt = (t[:, 1:] - t[:, :-1]).transpose(0, 1).reshape(-1)
-                gaps = list(self.dt_embedder(dt).view(k - 1, b, -1).unbind(0))
-            else:
-                gaps = [self.dt_embedder(torch.zeros_like(t))] * (k - 1)
+        conds, gaps = self._branch_conditions(b, t, per_branch, self.pooled_embedder(cond["text_pooled"]))
+        # the text tokens pass through the VeRA blocks unchanged
+        return self._run_branches(x_tokens, conds, gaps, (ctx, key_mask), return_all)
 
-        velocities: list[torch.Tensor] = []
-        accelerations: list[torch.Tensor] = []
-        projections: list[torch.Tensor] = []
-        h = x_tokens
-        for i, (start, end) in enumerate(self.branch_ranges()):
-            c = conds[i]
-            for block in self.blocks[start:end]:
-                h, ctx = self._maybe_checkpoint(block, h, ctx, c, key_mask)
-            if i == k - 1:
-                break
-            if return_all:
-                velocities.append(self._to_image(self.velocity_heads[0](h, c)))
-            h, acc_tokens = self._maybe_checkpoint(self.vera_blocks[i], h, x_tokens, gaps[i])  # ctx passes through
-            if return_all:
-                accelerations.append(self._to_image(self.acc_head(acc_tokens, c)))
-                if self.ssl_align:
-                    projections.append(self.projectors[i](h))
-        v_last = self._to_image(self.velocity_heads[-1](h, conds[-1]))
-        if not return_all:
-            return v_last
-        velocities.append(v_last)
-        return BranchOutputs(velocities, accelerations, projections)
-
-    def _maybe_checkpoint(self, module: nn.Module, *args: torch.Tensor):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(module, *args, use_reentrant=False)
-        return module(*args)
-
-    def _to_image(self, patches: torch.Tensor) -> torch.Tensor:
-        return unpatchify(patches, self.patch_size, self.in_channels, self.grid_size, self.grid_size)
+    def _block_step(
+        self, block: nn.Module, h: torch.Tensor, c: torch.Tensor, side: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Joint block: h [B,N,H], c [B,H], side (text tokens ctx [B,L,H], key mask [B,L+N]) -> (h', (ctx', mask))."""
+        ctx, key_mask = side
+        h, ctx = self._maybe_checkpoint(block, h, ctx, c, key_mask)
+        return h, (ctx, key_mask)
 
     # ------------------------------------------------------------------ FLOPs
     def flops_per_image(self, train: bool = False, attention: bool = False, text_length: int | None = None) -> int:
@@ -391,33 +263,18 @@ class DeepFlowMMDiT(nn.Module):
         the inference forward (last head only; VeRA blocks run). train=True: all heads, SSL projectors, k time and
         k-1 gap embeddings. attention=True adds the QK^T and AV matmuls of the joint and VeRA attentions.
         """
-        n, hd, k = self.num_tokens, self.hidden_size, self.num_branches
+        n, hd = self.num_tokens, self.hidden_size
         length = self.max_text_length if text_length is None else text_length
-        out = self.patch_size**2 * self.in_channels
         mlp_hidden = int(hd * self.mlp_ratio)
-        time_embeds = k if train else 1
-        total = n * self.in_channels * self.patch_size**2 * hd  # patch embedding conv
-        total += time_embeds * (256 * hd + hd * hd)
+        total = self._branch_flops(train, attention)
         total += self.pooled_dim * hd + hd * hd + length * self.context_dim * hd  # pooled + context embedders
+
         def stream(tokens: int) -> int:  # qkv + out-proj + MLP per token, plus the 6H adaLN modulation
             return tokens * (4 * hd * hd + 2 * hd * mlp_hidden) + 6 * hd * hd
 
         total += self.depth * stream(n) + (self.depth - 1) * stream(length)
         total += length * 2 * hd * hd + 2 * hd * hd  # last block's text stream: modulation + k, v only
-        head = 2 * hd * hd + n * hd * out
-        if k > 1:
-            w0, w1, w2 = self.acc_widths
-            vera = n * (hd * w0 + w0 * w1 + w1 * w2 + w2 * hd)  # ACC_MLP
-            vera += 8 * hd * hd + n * (4 * hd * hd + 2 * hd * hd)  # gap modulation + its MLP
-            vera += n * 4 * hd * hd  # cross attention: q, k, v, out projections
-            total += (k - 1) * vera
-            total += (k - 1 if train else 1) * (256 * 2 * hd + 4 * hd * hd)  # gap embeddings
-        total += (2 * k - 1 if train else 1) * head
-        if train and self.ssl_align:
-            p = self.projector_dim
-            total += (k - 1) * n * (hd * p + p * p + p * self.z_dim)
         if attention:
             joint = n + length
             total += (self.depth - 1) * 2 * joint * joint * hd + 2 * n * joint * hd
-            total += (k - 1) * 2 * n * n * hd
         return total

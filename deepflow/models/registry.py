@@ -90,6 +90,24 @@ def even_key_layers(depth: int, k: int) -> list[int]:
     return [round(depth * (i + 1) / k) for i in range(k)]
 
 
+def _reject_unknown(name: str, overrides: dict[str, Any], allowed: set[str], depth_in_name: bool = False) -> None:
+    """TypeError naming the overrides outside ``allowed`` (with a hint when the depth is fixed by the name)."""
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        hint = " (the depth is part of the name)" if depth_in_name and "depth" in unknown else ""
+        raise TypeError(f"create_model({name!r}): unknown overrides {unknown}{hint}; allowed: {sorted(allowed)}")
+
+
+def _pop_key_layers(name: str, overrides: dict[str, Any], depth: int, k: int) -> list[int]:
+    """The ``key_layers`` override (popped; it must have k entries) or k evenly spaced key layers."""
+    key_layers = overrides.pop("key_layers", None)
+    if key_layers is None:
+        return even_key_layers(depth, k)
+    if len(key_layers) != k:
+        raise ValueError(f"create_model({name!r}): key_layers {list(key_layers)} must have {k} entries")
+    return list(key_layers)
+
+
 def parse_mmdit_name(name: str) -> tuple[int, int] | None:
     """"DeepFlow-MMDiT-24-3T" -> (24, 3); "MMDiT-24" -> (24, 1); None for a non-MMDiT name; ValueError if malformed."""
     if not isinstance(name, str) or "MMDiT" not in name:
@@ -122,28 +140,19 @@ def create_mmdit(name: str, **overrides: Any) -> DeepFlowMMDiT:
     parsed = parse_mmdit_name(name)
     if parsed is None:
         raise ValueError(f"{name!r} is not an MMDiT name")
-    unknown = sorted(set(overrides) - _MMDIT_OVERRIDES)
-    if unknown:
-        hint = " (the depth is part of the name)" if "depth" in unknown else ""
-        raise TypeError(
-            f"create_model({name!r}): unknown overrides {unknown}{hint}; allowed: {sorted(_MMDIT_OVERRIDES)}"
-        )
+    _reject_unknown(name, overrides, _MMDIT_OVERRIDES, depth_in_name=True)
     depth, k = parsed
     if "class_dropout" in overrides:
         if "text_dropout" in overrides and overrides["text_dropout"] != overrides["class_dropout"]:
             raise ValueError(f"create_model({name!r}): text_dropout and class_dropout disagree")
         overrides["text_dropout"] = overrides.pop("class_dropout")
-    key_layers = overrides.pop("key_layers", None)
-    if key_layers is None:
-        key_layers = even_key_layers(depth, k)
-    elif len(key_layers) != k:
-        raise ValueError(f"create_model({name!r}): key_layers {list(key_layers)} must have {k} entries")
+    key_layers = _pop_key_layers(name, overrides, depth, k)
     config: dict[str, Any] = dict(
         input_size=32, patch_size=2, in_channels=4, hidden_size=MMDIT_HIDDEN_PER_LAYER * depth, num_heads=depth,
         context_dim=768, text_dropout=0.1,
     )
     config.update(overrides)
-    return DeepFlowMMDiT(depth=depth, key_layers=list(key_layers), **config)
+    return DeepFlowMMDiT(depth=depth, key_layers=key_layers, **config)
 
 
 def create_model(name: str, **overrides: Any) -> DeepFlowDiT | DeepFlowMMDiT:
@@ -153,20 +162,14 @@ def create_model(name: str, **overrides: Any) -> DeepFlowDiT | DeepFlowMMDiT:
     """
     if parse_mmdit_name(name) is not None:
         return create_mmdit(name, **overrides)
-    unknown = sorted(set(overrides) - _OVERRIDES)
-    if unknown:
-        raise TypeError(f"create_model({name!r}): unknown overrides {unknown}; allowed: {sorted(_OVERRIDES)}")
+    _reject_unknown(name, overrides, _OVERRIDES)
     size, patch, k = parse_model_name(name)
     hidden, heads, _ = SIZES[size]
     depth = overrides.pop("depth", None) or default_depth(size, k)
-    key_layers = overrides.pop("key_layers", None)
-    if key_layers is None:
-        key_layers = even_key_layers(depth, k)
-    elif len(key_layers) != k:
-        raise ValueError(f"create_model({name!r}): key_layers {list(key_layers)} must have {k} entries")
+    key_layers = _pop_key_layers(name, overrides, depth, k)
     config: dict[str, Any] = dict(
         input_size=32, patch_size=patch, in_channels=4, hidden_size=hidden, num_heads=heads,
         num_classes=1000, class_dropout=0.1, ssl_align=False, z_dim=768,
     )
     config.update(overrides)
-    return DeepFlowDiT(depth=depth, key_layers=list(key_layers), **config)
+    return DeepFlowDiT(depth=depth, key_layers=key_layers, **config)

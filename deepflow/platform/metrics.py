@@ -220,7 +220,8 @@ def available_extractors() -> list[str]:
 
 def build_extractor(kind: str, **options: Any) -> FeatureExtractor:
     """Build a registered feature extractor: "inception" (weights=), "dinov2" (model=), "clip" (model_name=,
-    pretrained=), or any kind added with ``register_extractor``."""
+    pretrained=), "classifier" (dataset=, seed=: the small-data classifier of quality.py), or any kind added
+    with ``register_extractor``."""
     if kind not in _EXTRACTORS:
         raise ValueError(f"unknown feature extractor {kind!r}; registered: {available_extractors()}")
     return _EXTRACTORS[kind](**options)
@@ -244,7 +245,14 @@ def _clip_factory(**options: Any) -> FeatureExtractor:
     return ClipImageExtractor(**options)
 
 
+def _classifier_factory(**options: Any) -> FeatureExtractor:
+    from deepflow.platform.quality import ClassifierQuality
+
+    return ClassifierQuality.for_dataset(**options)
+
+
 register_extractor("inception", _inception_factory)
+register_extractor("classifier", _classifier_factory)
 register_extractor("dinov2", _dinov2_factory)
 register_extractor("clip", _clip_factory)
 

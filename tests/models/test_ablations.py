@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from deepflow.models.flow import FlowObjective
-from tests.models.helpers import inputs, randomize_, tiny_model
-from tests.models.test_dit import _counted_macs
+from tests.models.helpers import counted_macs, inputs, randomize_, tiny_model
 
 
 @pytest.mark.parametrize("mode", ["identity", "no_cross_attention"])
@@ -20,8 +19,8 @@ def test_ablation_forward_loss_and_flops(mode: str) -> None:
     assert len(out.velocities) == 3
     assert len(out.accelerations) == (0 if mode == "identity" else 2)
     torch.testing.assert_close(model(x, t, y), out.velocities[-1])
-    assert _counted_macs(model, lambda: model(x, t, y)) == x.shape[0] * model.flops_per_image()
-    assert _counted_macs(model, lambda: model.forward_train(x, times, y)) == x.shape[0] * model.flops_per_image(train=True)
+    assert counted_macs(lambda: model(x, t, y)) == x.shape[0] * model.flops_per_image()
+    assert counted_macs(lambda: model.forward_train(x, times, y)) == x.shape[0] * model.flops_per_image(train=True)
 
     terms = FlowObjective(alpha=0.05).loss(
         model.forward_train, x, y, torch.Generator().manual_seed(0), num_branches=3, num_classes=10

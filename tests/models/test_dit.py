@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from deepflow.models import BranchOutputs, create_model, list_models
+from deepflow.models import create_model, list_models
 from deepflow.models.layers import sincos_pos_embed_2d
 from deepflow.models.registry import even_key_layers
 
-from .helpers import inputs, randomize_, tiny_model
+from .helpers import (
+    check_compile_fullgraph,
+    check_flops_match_measured,
+    check_gradient_checkpointing,
+    check_inference_equals_last_branch,
+    check_time_shape_errors,
+    check_zero_initialised_outputs,
+    inputs,
+    materialize_and_check_pos_embed,
+    randomize_,
+    tiny_model,
+)
 
 # REFERENCE.md's table: (name, depth, input_size, exact parameter count, key layers or None)
 PARAM_TABLE = [
@@ -85,11 +95,7 @@ def test_bad_overrides_raise():
 def test_meta_build_then_materialize():
     with torch.device("meta"):
         model = tiny_model()
-    model.to_empty(device="cpu")
-    model.init_weights()
-    grid = model.grid_size
-    assert torch.equal(model.pos_embed[0], sincos_pos_embed_2d(model.hidden_size, grid))
-    assert not model.pos_embed.requires_grad
+    materialize_and_check_pos_embed(model)
     x, t, y = inputs(model)
     assert torch.isfinite(model(x, t, y)).all()
 
@@ -107,95 +113,37 @@ def test_pos_embed_matches_mae_layout():
 def test_zero_initialised_heads_give_zero_output(name):
     torch.manual_seed(0)
     model = tiny_model(name, depth=3, ssl_align=name.startswith("DeepFlow"))
-    x, t, y = inputs(model)
-    k = model.num_branches
-    assert torch.count_nonzero(model(x, t, y)) == 0
-    out = model.forward_train(x, t[:, None].expand(-1, k), y)
-    assert len(out.velocities) == k and len(out.accelerations) == k - 1
-    for tensor in out.velocities + out.accelerations:
-        assert tensor.shape == x.shape and torch.count_nonzero(tensor) == 0
-    if k > 1:
-        assert len(out.projections) == k - 1 and out.projections[0].shape == (x.shape[0], model.num_tokens, 16)
+    check_zero_initialised_outputs(model, *inputs(model))
 
 
 @pytest.mark.parametrize("name", ["SiT-S/2", "DeepFlow-S/2-2T", "DeepFlow-S/4-3T"])
 def test_inference_equals_last_branch_of_training_forward(name):
     model = randomize_(tiny_model(name, depth=3 if "3T" in name else 4)).eval()
-    x, t, y = inputs(model)
-    k = model.num_branches
-    v = model(x, t, y)
-    out = model.forward_train(x, t[:, None].expand(-1, k), y)
-    assert isinstance(out, BranchOutputs)
-    torch.testing.assert_close(v, out.velocities[-1], rtol=1e-4, atol=1e-5)
-    assert v.abs().mean() > 1e-3  # non-trivial output after randomisation
-    if k > 1:
-        # different branch times change the output: the gap embedding and per-branch conditions are used
-        times = torch.stack([t] + [(t + 0.3 * (i + 1)).clamp(0, 1) for i in range(k - 1)], dim=1)
-        assert not torch.allclose(model.forward_train(x, times, y).velocities[-1], v)
+    check_inference_equals_last_branch(model, *inputs(model))
 
 
 def test_forward_rejects_wrong_time_shapes():
     model = tiny_model()
-    x, t, y = inputs(model)
-    with pytest.raises(ValueError, match=r"times must be \[B, 2\]"):
-        model(x, torch.rand(3, 3), y)
-    with pytest.raises(ValueError, match="return_all=True needs times"):
-        model(x, t, y, return_all=True)
+    check_time_shape_errors(model, *inputs(model))
 
 
 def test_gradient_checkpointing_matches_plain_backward():
     model = randomize_(tiny_model("DeepFlow-S/2-2T"))
     x, t, y = inputs(model)
-    times = torch.stack([t, (t - 0.01).clamp(0, 1)], dim=1)
-
-    def grads():
-        model.zero_grad()
-        out = model.forward_train(x, times, y)
-        sum(o.square().mean() for o in out.velocities + out.accelerations).backward()
-        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-    plain = grads()
-    model.gradient_checkpointing = True
-    for a, b in zip(plain, grads()):
-        torch.testing.assert_close(a, b)
-    assert len(model.shard_units()) == model.depth + model.num_branches - 1
+    check_gradient_checkpointing(model, x, torch.stack([t, (t - 0.01).clamp(0, 1)], dim=1), y)
 
 
 def test_compile_fullgraph_both_forwards():
-    torch._dynamo.reset()
     model = randomize_(tiny_model("DeepFlow-S/2-2T", depth=2)).eval()
     x, t, y = inputs(model)
-    times = torch.stack([t, (t + 0.01).clamp(0, 1)], dim=1)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x, t, y), model(x, t, y))
-    out = compiled(x, times, y, return_all=True)
-    ref = model.forward_train(x, times, y)
-    assert isinstance(out, BranchOutputs)
-    for a, b in zip(out.velocities + out.accelerations, ref.velocities + ref.accelerations):
-        torch.testing.assert_close(a, b)
-    sum(v.mean() for v in out.velocities).backward()  # the compiled training graph differentiates
+    check_compile_fullgraph(model, x, t, torch.stack([t, (t + 0.01).clamp(0, 1)], dim=1), y)
     assert model.blocks[0].attn.qkv.weight.grad is not None
-
-
-def _counted_macs(model, fn) -> int:
-    """Multiply-accumulates of matmuls and convolutions (no attention kernels) measured by FlopCounterMode."""
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        fn()
-    counts = counter.get_flop_counts()["Global"]
-    ops = {"mm", "addmm", "bmm", "baddbmm", "convolution"}
-    return sum(v for op, v in counts.items() if op.__name__.split(".")[0] in ops) // 2
 
 
 @pytest.mark.parametrize("name,ssl", [("SiT-S/2", False), ("DeepFlow-S/2-3T", True)])
 def test_flops_per_image_matches_measured_count(name, ssl):
     model = tiny_model(name, depth=3, ssl_align=ssl)
-    batch = 2
-    x, t, y = inputs(model, batch=batch)
-    k = model.num_branches
-    assert _counted_macs(model, lambda: model(x, t, y)) == batch * model.flops_per_image()
-    times = t[:, None].expand(-1, k)
-    assert _counted_macs(model, lambda: model.forward_train(x, times, y)) == batch * model.flops_per_image(train=True)
+    check_flops_match_measured(model, *inputs(model, batch=2))
 
 
 def test_flops_close_to_paper():

@@ -4,33 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from deepflow.models import BranchOutputs, DeepFlowMMDiT, create_model
-from deepflow.models.layers import sincos_pos_embed_2d
 
-from .helpers import randomize_
-
-TINY_MMDIT = dict(hidden_size=32, num_heads=2, input_size=8, in_channels=4, context_dim=24, pooled_dim=16,
-                  max_text_length=6, acc_widths=(24, 48, 24), projector_dim=24, z_dim=16)
-
-
-def tiny_mmdit(name: str = "DeepFlow-MMDiT-4-2T", **overrides) -> DeepFlowMMDiT:
-    return create_model(name, **{**TINY_MMDIT, **overrides})
-
-
-def text_inputs(model: DeepFlowMMDiT, batch: int = 3, length: int = 6, seed: int = 1):
-    """x [B,C,S,S], t [B], a text dict whose rows have 1..length real tokens (then padding)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=g)
-    t = torch.rand(batch, generator=g)
-    lengths = torch.tensor([1 + (i * 2) % length for i in range(batch)])
-    cond = {
-        "text_emb": torch.randn(batch, length, model.context_dim, generator=g),
-        "text_mask": torch.arange(length)[None, :] < lengths[:, None],
-        "text_pooled": torch.randn(batch, model.pooled_dim, generator=g),
-    }
-    return x, t, cond
+from .helpers import (
+    TINY_MMDIT,
+    check_compile_fullgraph,
+    check_flops_match_measured,
+    check_gradient_checkpointing,
+    check_inference_equals_last_branch,
+    check_time_shape_errors,
+    check_zero_initialised_outputs,
+    materialize_and_check_pos_embed,
+    randomize_,
+    text_inputs,
+    tiny_mmdit,
+)
 
 
 def test_registry_names_defaults_and_errors():
@@ -59,10 +48,7 @@ def test_registry_names_defaults_and_errors():
 def test_meta_build_then_materialize():
     with torch.device("meta"):
         model = tiny_mmdit(qk_norm=True)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    assert torch.equal(model.pos_embed[0], sincos_pos_embed_2d(model.hidden_size, model.grid_size))
-    assert not model.pos_embed.requires_grad
+    materialize_and_check_pos_embed(model)
     assert torch.equal(model.blocks[0].image.qk_norm.q.weight, torch.ones(16))
     x, t, cond = text_inputs(model)
     assert torch.isfinite(model(x, t, cond)).all()
@@ -72,15 +58,7 @@ def test_meta_build_then_materialize():
 def test_zero_initialised_heads_give_zero_output(name):
     torch.manual_seed(0)
     model = tiny_mmdit(name, ssl_align=name.startswith("DeepFlow"))
-    x, t, cond = text_inputs(model)
-    k = model.num_branches
-    assert torch.count_nonzero(model(x, t, cond)) == 0
-    out = model.forward_train(x, t[:, None].expand(-1, k), cond)
-    assert len(out.velocities) == k and len(out.accelerations) == k - 1
-    for tensor in out.velocities + out.accelerations:
-        assert tensor.shape == x.shape and torch.count_nonzero(tensor) == 0
-    if k > 1:
-        assert len(out.projections) == k - 1 and out.projections[0].shape == (3, model.num_tokens, 16)
+    check_zero_initialised_outputs(model, *text_inputs(model))
 
 
 def test_forward_backward_shapes_and_every_parameter_gets_gradient():
@@ -102,15 +80,8 @@ def test_forward_backward_shapes_and_every_parameter_gets_gradient():
 def test_inference_equals_last_branch_of_training_forward(name):
     model = randomize_(tiny_mmdit(name)).eval()
     x, t, cond = text_inputs(model)
-    k = model.num_branches
-    v = model(x, t, cond)
-    out = model.forward_train(x, t[:, None].expand(-1, k), cond)
-    torch.testing.assert_close(v, out.velocities[-1], rtol=1e-4, atol=1e-5)
-    assert v.abs().mean() > 1e-3
+    check_inference_equals_last_branch(model, x, t, cond)
     torch.testing.assert_close(model(x, t[0], cond)[:1], model(x[:1], t[:1], {n: c[:1] for n, c in cond.items()}))
-    if k > 1:
-        times = torch.stack([t] + [(t + 0.3 * (i + 1)).clamp(0, 1) for i in range(k - 1)], dim=1)
-        assert not torch.allclose(model.forward_train(x, times, cond).velocities[-1], v)
 
 
 def test_padding_tokens_do_not_change_the_output():
@@ -145,10 +116,7 @@ def test_padding_tokens_do_not_change_the_output():
 def test_forward_rejects_bad_inputs():
     model = tiny_mmdit()
     x, t, cond = text_inputs(model)
-    with pytest.raises(ValueError, match=r"times must be \[B, 2\]"):
-        model(x, torch.rand(3, 3), cond)
-    with pytest.raises(ValueError, match="return_all=True needs times"):
-        model(x, t, cond, return_all=True)
+    check_time_shape_errors(model, x, t, cond)
     with pytest.raises(TypeError, match="text condition dict"):
         model(x, t, torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="missing"):
@@ -160,54 +128,18 @@ def test_forward_rejects_bad_inputs():
 def test_gradient_checkpointing_matches_plain_backward():
     model = randomize_(tiny_mmdit("DeepFlow-MMDiT-4-2T"), std=0.1)
     x, t, cond = text_inputs(model)
-    times = torch.stack([t, (t - 0.01).clamp(0, 1)], dim=1)
-
-    def grads():
-        model.zero_grad()
-        out = model.forward_train(x, times, cond)
-        sum(o.square().mean() for o in out.velocities + out.accelerations).backward()
-        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-    plain = grads()
-    model.gradient_checkpointing = True
-    for a, b in zip(plain, grads()):
-        torch.testing.assert_close(a, b)
-    assert len(model.shard_units()) == model.depth + model.num_branches - 1
+    check_gradient_checkpointing(model, x, torch.stack([t, (t - 0.01).clamp(0, 1)], dim=1), cond)
 
 
 def test_compile_fullgraph_both_forwards():
-    torch._dynamo.reset()
     model = randomize_(tiny_mmdit("DeepFlow-MMDiT-2-2T"), std=0.1).eval()
     x, t, cond = text_inputs(model)
-    times = torch.stack([t, (t + 0.01).clamp(0, 1)], dim=1)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x, t, cond), model(x, t, cond))
-    out = compiled(x, times, cond, return_all=True)
-    ref = model.forward_train(x, times, cond)
-    assert isinstance(out, BranchOutputs)
-    for a, b in zip(out.velocities + out.accelerations, ref.velocities + ref.accelerations):
-        torch.testing.assert_close(a, b)
-    sum(v.mean() for v in out.velocities).backward()
+    check_compile_fullgraph(model, x, t, torch.stack([t, (t + 0.01).clamp(0, 1)], dim=1), cond)
     assert model.blocks[0].text.qkv.weight.grad is not None
-
-
-def _counted_macs(fn) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        fn()
-    counts = counter.get_flop_counts()["Global"]
-    ops = {"mm", "addmm", "bmm", "baddbmm", "convolution"}
-    return sum(v for op, v in counts.items() if op.__name__.split(".")[0] in ops) // 2
 
 
 @pytest.mark.parametrize("name,ssl", [("MMDiT-2", False), ("DeepFlow-MMDiT-3-3T", True)])
 def test_flops_per_image_matches_measured_count(name, ssl):
     model = tiny_mmdit(name, ssl_align=ssl)
-    x, t, cond = text_inputs(model, batch=2, length=5)
-    k = model.num_branches
-    assert _counted_macs(lambda: model(x, t, cond)) == 2 * model.flops_per_image(text_length=5)
-    times = t[:, None].expand(-1, k)
-    assert _counted_macs(lambda: model.forward_train(x, times, cond)) == 2 * model.flops_per_image(
-        train=True, text_length=5
-    )
+    check_flops_match_measured(model, *text_inputs(model, batch=2, length=5), text_length=5)
     assert model.flops_per_image() == model.flops_per_image(text_length=6)  # max_text_length by default

@@ -17,8 +17,7 @@ from deepflow.models.conditions import (
 from deepflow.models.flow import FlowObjective, branch_times, drop_labels
 from deepflow.models.sampling import sample
 
-from .helpers import randomize_
-from .test_mmdit import text_inputs, tiny_mmdit
+from .helpers import randomize_, text_inputs, tiny_mmdit
 
 L, D, P = 5, 6, 4
 
