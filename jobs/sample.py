@@ -8,6 +8,19 @@
 step folder (EMA weights), or a checkpoints folder (its newest committed step). Ranks (torchrun, or a Kubernetes
 Indexed Job's JOB_COMPLETION_INDEX with WORLD_SIZE) split the chunks; rerunning the same command skips finished
 chunks and reproduces the same images. Rank 0 writes <out>/samples.npz (arr_0 uint8 NHWC, arr_1 labels).
+
+Text-to-image models (MMDiT) take captions instead of labels, encoded with the text encoder the training dataset's
+manifest records, and are guided against the dataset's null (empty-caption) text in one batched forward:
+
+    python jobs/sample.py --checkpoint runs/demo-emoji/export --out runs/demo-emoji/samples --captions prompts.txt \
+        --num-samples 64 --method euler --steps 50 --cfg-scale 3.0 --png
+    torchrun --nproc-per-node 8 jobs/sample.py --checkpoint s3://runs/mmdit/export --out s3://runs/mmdit/coco30k \
+        --captions dataset --dataset s3://deepflow-data/coco2014-val-sdvae-clipL14 --num-samples 30000 \
+        --vae stabilityai/sd-vae-ft-ema
+
+--captions: a file (one caption per line, or a JSON list), or "dataset" (default): the first caption of each of the
+first N samples of --dataset (default: the training data URL recorded with the weights). Sample i gets caption
+i mod n; <out>/captions.txt lists them in sample order (for jobs/evaluate.py --captions).
 """
 from __future__ import annotations
 
@@ -36,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"))
     p.add_argument("--labels", default="cyclic", help="cyclic | shuffled | label file (.npy/.txt/.json)")
+    p.add_argument("--captions", default=None,
+                   help="text models: caption file (.txt one per line / .json list) or 'dataset' (the default)")
+    p.add_argument("--dataset", default=None,
+                   help="text models: caption dataset URL (manifest: text encoder, null text; --captions dataset)")
+    p.add_argument("--text-batch-size", type=int, default=256, help="captions per text-encoder call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--decode", choices=("auto", "vae", "pixel"), default="auto",
                    help="auto: from the training data manifest in export.json")
@@ -61,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, method=args.method, steps=args.steps, cfg_scale=args.cfg_scale,
         guidance_interval=tuple(args.guidance_interval), labels=args.labels, seed=args.seed, decode=args.decode,
         vae=args.vae, latent_scale=args.latent_scale, vae_batch_size=args.vae_batch_size, precision=args.precision,
-        write_png=args.png, write_npz=not args.no_npz,
+        write_png=args.png, write_npz=not args.no_npz, captions=args.captions, dataset=args.dataset,
+        text_batch_size=args.text_batch_size,
         storage_options={"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {},
     )
     try:

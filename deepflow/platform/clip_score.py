@@ -36,7 +36,9 @@ def load_clip(
 
     model = open_clip.create_model(model_name, pretrained=pretrained, device=device, **model_kwargs)
     model.eval().requires_grad_(False)
-    return model, open_clip.get_tokenizer(model_name)
+    # the model's own context length: architecture overrides (model_kwargs text_cfg) may change it
+    context_length = getattr(model, "context_length", None)
+    return model, open_clip.get_tokenizer(model_name, context_length=context_length)
 
 
 def _image_size_and_stats(model: nn.Module) -> tuple[int, tuple[float, ...], tuple[float, ...]]:

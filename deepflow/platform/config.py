@@ -30,6 +30,7 @@ __all__ = [
     "config_from_tree",
     "is_remote_url",
     "storage_options_for",
+    "resolve_model_for_dataset",
 ]
 
 
@@ -50,7 +51,13 @@ class RunSection(_Section):
 
 
 class ModelSection(_Section):
-    """Arguments of ``deepflow.models.create_model``."""
+    """Arguments of ``deepflow.models.create_model``.
+
+    Text-to-image models ("MMDiT-{depth}", "DeepFlow-MMDiT-{depth}-{k}T") take their depth from the name and have no
+    classes: ``num_classes`` is ignored for them, ``class_dropout`` is the text-dropout probability, and the text
+    widths go in ``extra`` (``context_dim``, ``pooled_dim``; filled from / checked against the dataset manifest's
+    ``text.dim`` / ``text.pooled_dim`` by :func:`resolve_model_for_dataset`).
+    """
 
     name: str = "DeepFlow-B/2-2T"
     depth: int | None = Field(None, ge=1)
@@ -64,16 +71,33 @@ class ModelSection(_Section):
     num_heads: int | None = Field(None, ge=1)
     extra: dict[str, Any] = Field(default_factory=dict, description="further create_model keyword overrides")
 
+    @property
+    def is_text(self) -> bool:
+        """True for text-conditioned (MMDiT) models, False for class-conditional DiT/SiT models."""
+        return "MMDiT" in self.name
+
+    def name_depth(self) -> int | None:
+        """The depth encoded in an MMDiT name ("DeepFlow-MMDiT-24-3T" -> 24); None for other names."""
+        from deepflow.models.registry import parse_mmdit_name
+
+        parsed = parse_mmdit_name(self.name)
+        return None if parsed is None else parsed[0]
+
     def create_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``create_model(self.name, **kwargs)`` (only the ones that are set)."""
+        """Keyword arguments for ``create_model(self.name, **kwargs)`` (only the ones that are set).
+
+        Text models get no ``num_classes`` and no ``depth`` (both are rejected by the MMDiT registry).
+        """
         kwargs: dict[str, Any] = {
             "input_size": self.input_size,
             "in_channels": self.in_channels,
-            "num_classes": self.num_classes,
             "ssl_align": self.ssl_align,
             "class_dropout": self.class_dropout,
         }
-        for key in ("depth", "hidden_size", "num_heads"):
+        if not self.is_text:
+            kwargs["num_classes"] = self.num_classes
+        keys = ("hidden_size", "num_heads") if self.is_text else ("depth", "hidden_size", "num_heads")
+        for key in keys:
             value = getattr(self, key)
             if value is not None:
                 kwargs[key] = value
@@ -182,7 +206,8 @@ class SamplerSection(_Section):
 
 
 class EvalSection(_Section):
-    """Periodic evaluation: a sample grid and a Frechet distance in the features of ``extractor``."""
+    """Periodic evaluation: a sample grid and a Frechet distance in the features of ``extractor``; for text-to-image
+    models the samples are conditioned on captions of the training shards and, with ``clip_model``, CLIP-scored."""
 
     every: int = Field(0, ge=0, description="0 disables periodic evaluation")
     num_samples: int = Field(64, ge=1)
@@ -197,6 +222,16 @@ class EvalSection(_Section):
     )
     reference_samples: int = Field(1000, ge=2)
     vae: str | None = Field(None, description="diffusers AutoencoderKL id/path to decode latent samples")
+    clip_model: str | None = Field(
+        None, description="open_clip model name for the CLIP score of text-to-image samples (e.g. ViT-L-14); None: off"
+    )
+    clip_pretrained: str | None = Field(
+        None, description="open_clip pretrained tag or local checkpoint path; None: random weights (tests only)"
+    )
+    clip_model_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="open_clip.create_model architecture overrides (tiny models in tests)"
+    )
+    clip_batch_size: int = Field(64, ge=1)
 
 
 class LoggingSection(_Section):
@@ -248,7 +283,34 @@ class RunConfig(_Section):
             raise ValueError("precision: fp16 is not supported with distributed.engine=fsdp; use bf16")
         if self.model.ssl_align and self.objective.proj_weight == 0.0:
             raise ValueError("objective.proj_weight: must be > 0 when model.ssl_align is true")
+        if self.model.is_text:
+            self._check_text_model()
+        elif self.eval.clip_model is not None:
+            raise ValueError(
+                f"eval.clip_model: CLIP score needs a text-to-image model (an MMDiT), got model.name={self.model.name}"
+            )
         return self
+
+    def _check_text_model(self) -> None:
+        model = self.model
+        try:
+            depth = model.name_depth()
+        except ValueError as error:
+            raise ValueError(f"model.name: {error}") from None
+        if model.depth is not None and model.depth != depth:
+            raise ValueError(
+                f"model.depth: {model.depth} contradicts model.name={model.name} (depth {depth}); the depth of an "
+                "MMDiT is part of its name: remove model.depth or rename the model"
+            )
+        for key in ("num_classes", "depth", "text_dropout"):
+            if key in model.extra:
+                where = {"num_classes": "text models have no classes", "depth": "the depth is part of model.name",
+                         "text_dropout": "use model.class_dropout (the condition-drop probability)"}[key]
+                raise ValueError(f"model.extra.{key}: not allowed for {model.name}: {where}")
+        for key in ("context_dim", "pooled_dim", "max_text_length"):
+            value = model.extra.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"model.extra.{key}: must be a positive integer, got {value!r}")
 
     # ----------------------------------------------------------------------------------------------- derived
     @property
@@ -287,6 +349,61 @@ class RunConfig(_Section):
                 f"({world_size}) x schedule.grad_accumulation ({self.schedule.grad_accumulation})"
             )
         return self.data.global_batch_size // denominator
+
+
+def resolve_model_for_dataset(cfg: RunConfig, manifest: dict[str, Any] | None) -> RunConfig:
+    """Check the model against the dataset's manifest and fill what the dataset decides; return the updated config.
+
+    Text models need a caption dataset (manifest ``text`` set); ``model.extra.context_dim`` / ``pooled_dim`` are
+    taken from the manifest's ``text.dim`` / ``text.pooled_dim`` when unset and must equal them when set
+    (:class:`ConfigError` naming ``model.extra.context_dim`` otherwise); ``max_text_length`` (FLOP count only) is
+    filled from ``text.max_length``. Class-conditional models are refused on caption datasets (no labels).
+    A config without a manifest is returned unchanged.
+    """
+    if not manifest:
+        return cfg
+    model = cfg.model
+    text = manifest.get("text")
+    url = cfg.data.url
+    if not model.is_text:
+        if text or manifest.get("has_captions"):
+            raise ConfigError(
+                f"model.name: {model.name} is class-conditional but data.url={url} is a caption dataset (no class "
+                "labels); use a text-to-image model such as 'DeepFlow-MMDiT-24-3T'"
+            )
+        return cfg
+    if not text:
+        raise ConfigError(
+            f"model.name: {model.name} is a text-to-image model but data.url={url} has no caption embeddings "
+            "(manifest 'text' is null); precompute the dataset with a text_encoder"
+        )
+    extra = dict(model.extra)
+    for key, manifest_key in (("context_dim", "dim"), ("pooled_dim", "pooled_dim")):
+        expected = int(text[manifest_key])
+        given = extra.get(key)
+        if given is None:
+            extra[key] = expected
+        elif int(given) != expected:
+            encoder = (text.get("encoder") or {}).get("model", "?")
+            raise ConfigError(
+                f"model.extra.{key}: {given} does not match the dataset's text features: data.url={url} was "
+                f"encoded with {encoder} (manifest text.{manifest_key} = {expected}); set model.extra.{key}: "
+                f"{expected} or remove it to take it from the manifest"
+            )
+    if extra.get("max_text_length") is None and text.get("max_length"):
+        extra["max_text_length"] = int(text["max_length"])
+    shape = manifest.get("shape")
+    if shape and len(shape) == 3:
+        for field_name, value, expected in (("in_channels", model.in_channels, shape[0]),
+                                            ("input_size", model.input_size, shape[1])):
+            if int(value) != int(expected):
+                raise ConfigError(
+                    f"model.{field_name}: {value} does not match the dataset (data.url={url} holds {list(shape)} "
+                    f"[C,H,W] samples)"
+                )
+    updated = cfg.model_copy(deep=True)
+    updated.model.extra = extra
+    return updated
 
 
 def is_remote_url(url: str) -> bool:

@@ -225,3 +225,29 @@ def evaluate_samples(
             *feature_statistics(feats), *feature_statistics(ref_extra), method=fd_method
         )
     return results
+
+
+def clip_score_samples(
+    samples: ImageSource,
+    captions: Sequence[str],
+    scorer: Any,
+    batch_size: int = 64,
+    storage_options: dict | None = None,
+) -> dict[str, float]:
+    """CLIP score of a sample batch (uint8 NHWC array/tensor or .npz URL, streamed) against its captions: image i is
+    paired with ``captions[i]``. ``scorer(images uint8 [B,3,H,W], captions) -> per-pair scores [B]`` is a
+    ``deepflow.platform.clip_score.ClipScorer``. Returns {"clip_score": mean, "clip_score_std": std over pairs}."""
+    total = _count(samples, storage_options)
+    captions = list(captions)
+    if len(captions) < total:
+        raise ValueError(f"clip score: {len(captions)} captions for {total} samples (need one per sample, in order)")
+    scores: list[Tensor] = []
+    done = 0
+    for batch in tqdm(_nhwc_batches(samples, batch_size, storage_options), desc="clip score", leave=False):
+        images = nhwc_uint8_to_nchw(batch)
+        scores.append(scorer(images, captions[done : done + len(batch)]).float().cpu())
+        done += len(batch)
+    if not scores:
+        raise ValueError("clip score: no samples")
+    values = torch.cat(scores)
+    return {"clip_score": float(values.mean()), "clip_score_std": float(values.std()) if len(values) > 1 else 0.0}

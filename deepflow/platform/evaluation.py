@@ -1,8 +1,12 @@
 """In-training evaluation: a sample grid from the EMA weights (TensorBoard image + PNG) and a Frechet distance in
-the features of a configured extractor (``deepflow.platform.metrics.build_extractor``).
+the features of a configured extractor (``deepflow.platform.metrics.build_extractor``); for text-to-image models
+also the CLIP score of the samples against their captions (``eval.clip_model``, open_clip).
 
 Samples use a fixed noise/label draw (seeded by run.seed) so grids of successive evaluations are comparable;
-labels cycle through the classes. Pixel datasets map [-1, 1] -> uint8; latent datasets are decoded with the
+labels cycle through the classes. Text models are conditioned on the captions of the first ``eval.num_samples``
+samples of the training shards (manifest order, first caption of each, with its stored embedding; see
+``deepflow.platform.text_eval.dataset_prompts``), guided against the dataset's null text; the grid's captions go
+to TensorBoard as text. Pixel datasets map [-1, 1] -> uint8; latent datasets are decoded with the
 diffusers ``AutoencoderKL`` named by ``eval.vae`` (latents / manifest latent_scale). The reference statistics are
 read from ``eval.reference``: an ``.npz`` with ``mu``/``sigma``, an ``.npz`` of uint8 images (``arr_0``, NHWC or
 NCHW), or ``data``: the first ``reference_samples`` images of the training shards (pixel datasets).
@@ -60,6 +64,11 @@ class Evaluator:
         self.extractor: Any = None
         self.reference: tuple[np.ndarray, np.ndarray] | None = None
         self.vae: Any = None
+        self.prompts: Any = None  # text_eval.Prompts of the text models
+        self.null_text: dict[str, torch.Tensor] | None = None
+        self.clip: Any = None
+        self.is_text = cfg.model.is_text
+        self.prompt_offset = 0
         self.reference_storage_options = storage_options_for(
             cfg.eval.reference or "", cfg.checkpoint.storage_options, cfg.data.resolved_storage_options()
         )
@@ -69,6 +78,19 @@ class Evaluator:
 
         self.model = create_model(cfg.model.name, **cfg.model.create_kwargs()).to(ctx.device).eval()
         self.model.requires_grad_(False)
+        self.is_text = getattr(self.model, "conditioning", "class") == "text"
+        if self.is_text:
+            from deepflow.platform.text_eval import dataset_prompts, read_null_text
+
+            storage = cfg.data.resolved_storage_options()
+            offset, count = self._share()
+            self.prompt_offset = offset  # this rank's prompts only (float16 embeddings as stored)
+            self.prompts = dataset_prompts(cfg.data.url, max(count, 1), storage, start=offset)
+            self.null_text = read_null_text(cfg.data.url, storage, self.manifest or None)
+            if cfg.eval.clip_model:
+                from deepflow.platform.clip_score import ClipScorer
+
+                self.clip = ClipScorer(*_load_clip(cfg, ctx.device), batch_size=cfg.eval.clip_batch_size)
         if cfg.eval.extractor:
             try:
                 from deepflow.platform.metrics import build_extractor
@@ -152,29 +174,53 @@ class Evaluator:
         assert box[0] is not None
         return box[0]
 
-    def _samples(self, count: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 samples [count,C,H,W] and labels for sample indices offset..offset+count-1."""
+    def _samples(self, count: int, offset: int) -> tuple[torch.Tensor, torch.Tensor | list[str]]:
+        """uint8 samples [count,C,H,W] for sample indices offset..offset+count-1, with their labels [count] (class
+        models) or captions (text models)."""
         assert self.model is not None
+        from deepflow.models.conditions import condition_to
         from deepflow.models.sampling import sample
 
         cfg = self.cfg
         model = self.model
         shape = (model.in_channels, model.input_size, model.input_size)
-        out, labels = [], []
+        out: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        captions: list[str] = []
         for start in range(offset, offset + count, cfg.eval.batch_size):
             stop = min(start + cfg.eval.batch_size, offset + count)
             generator = torch.Generator(device="cpu").manual_seed(cfg.run.seed * 1_000_003 + start)
             noise = torch.randn((stop - start, *shape), generator=generator).to(self.ctx.device)
-            y = (torch.arange(start, stop) % model.num_classes).to(self.ctx.device)
+            if self.is_text:
+                prompts = self.prompts.select(range(start - self.prompt_offset, stop - self.prompt_offset))
+                y: Any = condition_to(prompts.cond, self.ctx.device, dtype=torch.float32)
+                null: Any = self.null_text
+                captions.extend(prompts.captions)
+            else:
+                y = (torch.arange(start, stop) % model.num_classes).to(self.ctx.device)
+                null = None
+                labels.append(y.cpu())
             with torch.no_grad():
                 x0 = sample(
                     model, noise, y, method=cfg.eval.sampler.method, steps=cfg.eval.sampler.steps,
                     cfg_scale=cfg.eval.sampler.cfg_scale, guidance_interval=tuple(cfg.eval.sampler.guidance_interval),
-                    null_label=model.num_classes, generator=generator,
+                    null_label=model.num_classes, generator=generator, null_condition=null,
                 )
             out.append(self._decode(x0).cpu())
-            labels.append(y.cpu())
-        return torch.cat(out), torch.cat(labels)
+        images = torch.cat(out) if out else torch.zeros((0, 3, *shape[1:]), dtype=torch.uint8)
+        if self.is_text:
+            return images, captions
+        return images, torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+
+    def _share(self) -> tuple[int, int]:
+        """(first sample index, sample count) of this rank: all of ``eval.num_samples`` on rank 0, or an equal share
+        of them per rank with ``eval.all_ranks``."""
+        cfg = self.cfg
+        world = self.ctx.world_size if (cfg.eval.all_ranks and self.ctx.distributed) else 1
+        rank = self.ctx.rank if world > 1 else 0
+        per_rank = int(math.ceil(cfg.eval.num_samples / world))
+        offset = rank * per_rank
+        return offset, max(0, min(per_rank, cfg.eval.num_samples - offset))
 
     def run(self, weights: dict[str, torch.Tensor] | None, step: int) -> dict[str, float]:
         """Collective when ``eval.all_ranks``. ``weights``: full EMA weights on rank 0 (None elsewhere)."""
@@ -187,22 +233,28 @@ class Evaluator:
         self.model.load_state_dict({k: v.to(self.ctx.device) for k, v in weights.items()})
         world = self.ctx.world_size if (cfg.eval.all_ranks and self.ctx.distributed) else 1
         rank = self.ctx.rank if world > 1 else 0
-        per_rank = int(math.ceil(cfg.eval.num_samples / world))
-        offset = rank * per_rank
-        count = max(0, min(per_rank, cfg.eval.num_samples - offset))
+        offset, count = self._share()
         images, labels = self._samples(count, offset)
         metrics: dict[str, float] = {}
-        feats = self._features(images) if self.extractor is not None else None
+        feats = self._features(images) if self.extractor is not None and len(images) else None
+        clip_scores = self.clip(images, labels) if self.clip is not None and len(images) else None
         if world > 1:
             box: list[Any] = [None] * world
-            dist.all_gather_object(box, (images[: cfg.eval.grid_size] if rank == 0 else None, feats))
-            if feats is not None:
+            dist.all_gather_object(box, (images[: cfg.eval.grid_size] if rank == 0 else None, feats, clip_scores))
+            if self.extractor is not None:
                 feats = np.concatenate([part[1] for part in box if part[1] is not None and len(part[1])])
+            if self.clip is not None:
+                clip_scores = torch.cat([part[2] for part in box if part[2] is not None])
         if not self.ctx.is_main:
             return {}
         grid = make_grid_uint8(images, cfg.eval.grid_size)
         self.logger.image("eval/samples", grid, step)
         self._write_png(grid, step)
+        if self.is_text:
+            shown = labels[: min(cfg.eval.grid_size, len(labels))]
+            self.logger.text("eval/captions", "\n".join(f"{i}. {c}" for i, c in enumerate(shown, 1)), step)
+        if clip_scores is not None:
+            metrics["eval/clip_score"] = float(clip_scores.float().mean())
         if feats is not None:
             from deepflow.platform.metrics import feature_statistics, frechet_distance
 
@@ -212,7 +264,7 @@ class Evaluator:
                 mu, sigma = feature_statistics(feats)
                 fd = float(frechet_distance(mu, sigma, *self.reference))
                 metrics[f"eval/fd_{cfg.eval.extractor}"] = fd
-            if hasattr(self.extractor, "score") and world == 1:  # class accuracy of the requested labels
+            if hasattr(self.extractor, "score") and world == 1 and not self.is_text:  # accuracy of the labels
                 metrics["eval/class_accuracy"] = float(self.extractor.score(images, labels)["accuracy"])
         if metrics:
             self.logger.scalars(step, metrics)
@@ -228,6 +280,19 @@ class Evaluator:
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
         with fs.open(path, "wb") as handle:
             handle.write(buffer.getvalue())
+
+
+def _load_clip(cfg: RunConfig, device: torch.device) -> tuple[Any, Any]:
+    """(open_clip model, tokenizer) of ``eval.clip_model`` / ``eval.clip_pretrained`` / ``eval.clip_model_kwargs``."""
+    from deepflow.platform.clip_score import load_clip
+
+    try:
+        return load_clip(cfg.eval.clip_model, cfg.eval.clip_pretrained, device, **cfg.eval.clip_model_kwargs)
+    except Exception as error:  # noqa: BLE001 - re-raised with the config fields that chose the model
+        raise ValueError(
+            f"eval.clip_model: cannot build open_clip {cfg.eval.clip_model!r} (eval.clip_pretrained="
+            f"{cfg.eval.clip_pretrained!r}): {error}"
+        ) from error
 
 
 def _as_nchw_uint8(images: np.ndarray) -> torch.Tensor:

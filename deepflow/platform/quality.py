@@ -219,14 +219,13 @@ class ClassifierQuality:
         if dataset not in RECIPES:
             raise ValueError(f"no quality classifier recipe for dataset {dataset!r}; known: {sorted(RECIPES)}")
         recipe = dataclasses.replace(RECIPES[dataset], seed=seed)
-        train_x, train_y, num_classes = load_labelled_split(dataset, "train", recipe.pad, recipe.resize_to)
-        test_x, test_y, _ = load_labelled_split(dataset, "test", recipe.pad, recipe.resize_to)
+        test_x, test_y, num_classes = load_labelled_split(dataset, "test", recipe.pad, recipe.resize_to)
         num_reference = num_reference or len(test_x) // 2
         unseen = (test_x[num_reference:], test_y[num_reference:])
         key = recipe.cache_key()
         packaged = ASSETS / f"classifier-{key}.safetensors"
         path = packaged if packaged.exists() else Path(cache_dir or default_cache_dir()) / f"classifier-{key}.safetensors"
-        channels = 1 if train_x.ndim == 3 else train_x.shape[1]
+        channels = 1 if test_x.ndim == 3 else test_x.shape[1]
         model = SmallClassifier(channels, num_classes, recipe.image_size)
         if path.exists():
             model.load_state_dict(load_file(str(path)))
@@ -235,6 +234,7 @@ class ClassifierQuality:
                 raise ValueError(f"{path}: classifier weights do not match the recorded SHA-256 {expected[:12]}...")
         else:
             log.info("training the %s quality classifier (seed %d), cached at %s", dataset, seed, path)
+            train_x, train_y, _ = load_labelled_split(dataset, "train", recipe.pad, recipe.resize_to)
             model = train_classifier(train_x, train_y, num_classes, recipe)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -12,6 +12,14 @@ atomic write (a temporary file renamed on local disks; a single PUT on object st
 restarted job skips every chunk file that exists. Rank 0 then waits for all chunks and assembles
 ``<out>/samples.npz`` (ADM format: arr_0 uint8 NHWC, arr_1 labels), streamed chunk by chunk.
 
+Text-to-image models (MMDiT): sample ``i`` gets caption ``i % n`` of ``captions`` (a caption file: one per line or a
+JSON list; or ``dataset``: the first caption of each of the first N samples of the caption dataset), encoded with the
+text encoder the dataset manifest records (the manifest travels in export.json; ``dataset`` defaults to the
+training data URL recorded there or in the checkpoint's config), guided against the dataset's null text
+(``text_null.safetensors``) with CFG in one batched forward. Rank 0 writes ``<out>/captions.txt`` (caption of
+sample i on line i+1) for the CLIP score of ``jobs/evaluate.py``; chunk files carry the captions too and arr_1 holds
+-1 labels.
+
 Weights: an exported model (``export.safetensors`` + ``export.json``, written by the trainer's checkpoint module)
 or a training checkpoint's EMA (``step-NNNNNNN/ema/full.safetensors`` + ``config.yaml``; a checkpoints root
 resolves to its newest committed step). Latent models are decoded by a diffusers ``AutoencoderKL`` in batches
@@ -39,6 +47,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from tqdm.auto import tqdm
 
 from deepflow.models import create_model
+from deepflow.models.conditions import condition_to
 from deepflow.models.sampling import sample
 
 log = logging.getLogger(__name__)
@@ -70,6 +79,9 @@ class SampleSettings:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     write_png: bool = False
     write_npz: bool = True
+    captions: str | None = None  # text models: "dataset" (default) or a caption file (.txt / .json), any fsspec URL
+    dataset: str | None = None  # text models: caption dataset URL (default: the training data URL of the weights)
+    text_batch_size: int = 256
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -89,7 +101,12 @@ class SampleSettings:
         """Hash of the settings that determine the images (not output location, PNG/npz choice, credentials)."""
         keys = ("checkpoint", "num_samples", "chunk_size", "batch_size", "method", "steps", "cfg_scale",
                 "guidance_interval", "labels", "seed", "decode", "vae", "latent_scale", "precision")
-        content = json.dumps({k: asdict(self)[k] for k in keys}, sort_keys=True, default=list)
+        values = asdict(self)
+        content_dict = {k: values[k] for k in keys}
+        for key in ("captions", "dataset"):  # text models only: class-model fingerprints stay as they were
+            if values[key] is not None:
+                content_dict[key] = values[key]
+        content = json.dumps(content_dict, sort_keys=True, default=list)
         return hashlib.sha256(content.encode()).hexdigest()[:16]
 
 
@@ -148,7 +165,8 @@ def resolve_weights(url: str, storage_options: dict[str, Any] | None = None) -> 
     from deepflow.platform.config import config_from_tree
 
     run_config = config_from_tree(config)
-    meta = {"model": run_config.model.name, "kwargs": run_config.model.create_kwargs(), "checkpoint": path}
+    meta = {"model": run_config.model.name, "kwargs": run_config.model.create_kwargs(), "checkpoint": path,
+            "data_url": run_config.data.url or None}
     return load_safetensors_bytes(_read_bytes(fs, f"{path}/ema/full.safetensors")), meta
 
 
@@ -248,6 +266,71 @@ def build_decoder(settings: SampleSettings, meta: dict[str, Any], in_channels: i
 
     vae = AutoencoderKL.from_pretrained(vae_id).to(device).eval().requires_grad_(False)
     return Decoder(vae, float(scale), settings.vae_batch_size)
+
+
+# -------------------------------------------------------------------------------------------------- text
+class TextPlan:
+    """Captions of all N samples and their text conditions, encoded batch by batch (see module doc).
+
+    ``condition(indices)`` -> {"text_emb" [b,L,D] float32, "text_mask" [b,L] bool, "text_pooled" [b,P] float32};
+    ``null`` is the dataset's empty-caption encoding ([L,D], [L], [P]).
+    """
+
+    def __init__(self, settings: SampleSettings, meta: dict[str, Any], device: torch.device) -> None:
+        from deepflow.platform.text_eval import (
+            dataset_captions,
+            dataset_prompts,
+            read_caption_file,
+            read_manifest,
+            read_null_text,
+            text_encoder_config,
+        )
+
+        options = settings.storage_options or None
+        dataset = settings.dataset or meta.get("data_url")
+        manifest = meta.get("manifest") or None
+        if dataset and (settings.dataset or manifest is None):
+            manifest = read_manifest(dataset, options)  # an explicit --dataset describes the text features
+        if not manifest or not manifest.get("text"):
+            raise ValueError(
+                f"{meta.get('model')} is a text-to-image model but no caption-dataset manifest is known (export.json "
+                "'manifest' / the checkpoint's data.url): give --dataset <caption dataset URL>"
+            )
+        self.manifest = manifest
+        spec = settings.captions or "dataset"
+        self.encoder: Any = None
+        self.stored: Any = None  # text_eval.Prompts when the dataset's own embeddings are used
+        if spec == "dataset":
+            if not dataset:
+                raise ValueError("--captions dataset: the caption dataset URL is unknown; give --dataset")
+            captions = dataset_captions(dataset, settings.num_samples, options)
+        else:
+            captions = read_caption_file(spec, options)
+        try:
+            config = text_encoder_config(manifest)
+        except ValueError:
+            if spec != "dataset":
+                raise
+            config = None  # e.g. a randomly initialised encoder: use the stored embeddings instead
+            self.stored = dataset_prompts(dataset, settings.num_samples, options)
+        if config is not None:
+            from deepflow.data_pipeline.text_encoders import build_text_encoder
+
+            config = config.model_copy(update={"batch_size": settings.text_batch_size})
+            self.encoder = build_text_encoder(config, device)
+        self.captions = [captions[i % len(captions)] for i in range(settings.num_samples)]
+        if dataset:
+            self.null = read_null_text(dataset, options, manifest)
+        else:
+            self.null = {k: torch.from_numpy(v.astype(np.float32) if v.dtype.kind == "f" else v)
+                         for k, v in self.encoder.null().items()}
+
+    def condition(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        from deepflow.platform.text_eval import encode_prompts
+
+        if self.stored is not None:
+            return self.stored.select(indices).cond
+        return encode_prompts([self.captions[int(i)] for i in indices], self.manifest, encoder=self.encoder).cond
 
 
 # -------------------------------------------------------------------------------------------------- I/O
@@ -365,7 +448,23 @@ def run_sampling(
 
     state, meta = resolve_weights(settings.checkpoint, settings.storage_options)
     model = build_sampling_model(state, meta, device)
-    labels = label_plan(settings.labels, settings.num_samples, model.num_classes, settings.seed, settings.storage_options)
+    text: TextPlan | None = None
+    if getattr(model, "conditioning", "class") == "text":
+        if settings.labels != "cyclic":
+            raise ValueError("--labels applies to class-conditional models; text-to-image models take --captions")
+        text = TextPlan(settings, meta, device)
+        labels = np.full(settings.num_samples, -1, dtype=np.int64)
+        if rank == 0:
+            from deepflow.platform.text_eval import normalize_caption
+
+            lines = "".join(normalize_caption(c) + "\n" for c in text.captions)
+            _atomic_write(fs, f"{root}/captions.txt", lines.encode("utf-8"))
+    else:
+        if settings.captions is not None or settings.dataset is not None:
+            raise ValueError(f"--captions/--dataset apply to text-to-image models; {meta.get('model')} takes --labels")
+        labels = label_plan(
+            settings.labels, settings.num_samples, model.num_classes, settings.seed, settings.storage_options
+        )
     decoder = build_decoder(settings, meta, model.in_channels, device)
     latent_shape = (model.in_channels, model.input_size, model.input_size)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
@@ -388,13 +487,17 @@ def run_sampling(
         for batch_start in range(first, last, settings.batch_size):
             indices = np.arange(batch_start, min(batch_start + settings.batch_size, last), dtype=np.int64)
             noise = initial_noise(indices, latent_shape, settings.seed).to(device)
-            y = torch.from_numpy(labels[indices]).to(device)
+            if text is not None:
+                y: Any = condition_to(text.condition(indices), device, dtype=torch.float32)
+                null: Any = text.null
+            else:
+                y, null = torch.from_numpy(labels[indices]).to(device), None
             generator = torch.Generator(device=device).manual_seed(_seed_for(settings.seed, 1, int(batch_start)))
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 x0 = sample(
                     model, noise, y, method=settings.method, steps=settings.steps, cfg_scale=settings.cfg_scale,
                     guidance_interval=tuple(settings.guidance_interval), null_label=model.num_classes,
-                    generator=generator,
+                    generator=generator, null_condition=null,
                 )
             images.append(decoder(x0.float()))
             bar.update(len(indices))
@@ -402,8 +505,9 @@ def run_sampling(
         chunk_images = np.concatenate(images)
         if settings.write_png:
             _write_pngs(fs, root, chunk_images, chunk_indices)
+        extra = {} if text is None else {"captions": np.array([text.captions[int(i)] for i in chunk_indices])}
         payload = _npz_bytes(images=chunk_images, labels=labels[chunk_indices], indices=chunk_indices,
-                             fingerprint=np.array(settings.fingerprint()))
+                             fingerprint=np.array(settings.fingerprint()), **extra)
         _atomic_write(fs, f"{root}/chunks/{CHUNK_PATTERN.format(chunk)}", payload)
     bar.close()
     seconds = time.perf_counter() - start

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from deepflow.models.conditions import condition_from_batch
 from deepflow.platform.checkpoint import (
     CheckpointManager,
     PreemptionHandler,
@@ -33,7 +34,7 @@ from deepflow.platform.checkpoint import (
     export_weights,
     restore_rng_state,
 )
-from deepflow.platform.config import RunConfig, config_to_yaml, save_config
+from deepflow.platform.config import RunConfig, config_to_yaml, resolve_model_for_dataset, save_config
 from deepflow.platform.distributed import (
     DistContext,
     init_distributed,
@@ -106,13 +107,28 @@ class Trainer:
     """Owns the engine, EMA, loader, checkpoints and logger of one run on one rank."""
 
     def __init__(self, cfg: RunConfig, ctx: DistContext) -> None:
-        self.cfg = cfg
         self.ctx = ctx
         self.log = console_logger(ctx.rank)
+        self.loader = _build_loader(cfg, ctx)
+        # text models: context_dim / pooled_dim come from (and are checked against) the dataset manifest; the
+        # resolved values travel in the saved config, checkpoints and the export
+        cfg = resolve_model_for_dataset(cfg, getattr(self.loader, "manifest", None))
+        self.cfg = cfg
         self.config_yaml = config_to_yaml(cfg)
         model = _build_model(cfg)
         self.num_branches = int(getattr(model, "num_branches", 1))
-        self.num_classes = int(getattr(model, "num_classes", cfg.model.num_classes))
+        self.is_text = getattr(model, "conditioning", "class") == "text"
+        model_classes = getattr(model, "num_classes", cfg.model.num_classes)
+        self.num_classes: int | None = None if model_classes is None else int(model_classes)
+        # the condition a dropped row gets: the empty caption's encoding (text) or the null class (num_classes)
+        self.null_condition: dict[str, torch.Tensor] | None = None
+        if self.is_text:
+            null_text = self.loader.null_text()
+            if null_text is None:
+                raise ValueError(
+                    f"data.url: {cfg.data.url} has no null text (text_null.safetensors) for {cfg.model.name}"
+                )
+            self.null_condition = {k: v.to(ctx.device) for k, v in null_text.items()}
         self.flops_per_image = _train_flops_per_image(model)
         from deepflow.models.flow import FlowObjective
 
@@ -130,7 +146,6 @@ class Trainer:
             if cfg.ema.enabled
             else None
         )
-        self.loader = _build_loader(cfg, ctx)
         self.ssl = None
         if cfg.model.ssl_align:
             from deepflow.platform.ssl import DinoFeatures
@@ -227,7 +242,8 @@ class Trainer:
             wait_start = time.perf_counter()
             batch = next(data_iter)
             x = batch["x"].to(self.ctx.device, non_blocking=True)
-            y = batch["y"].to(self.ctx.device, non_blocking=True)
+            # labels [B] for class models; {"text_emb", "text_mask", "text_pooled"} for caption datasets
+            y = condition_from_batch(batch, self.ctx.device)
             data_wait += time.perf_counter() - wait_start
             ssl_targets = self.ssl(batch["image"]) if self.ssl is not None else None
             generator = step_generator(cfg.run.seed, self.ctx.rank, self.step, micro, self.ctx.device)
@@ -239,7 +255,8 @@ class Trainer:
                     generator,
                     ssl_targets=ssl_targets,
                     num_branches=self.num_branches,
-                    num_classes=self.num_classes,
+                    num_classes=self.num_classes if self.num_classes is not None else 0,
+                    null_condition=self.null_condition,
                 )
                 loss = terms["total"]
                 if self.step in cfg.debug.inject_nan_steps:
@@ -405,6 +422,7 @@ class Trainer:
                     "ema": self.ema is not None,
                     "ema_decay": self.cfg.ema.decay,
                     "manifest": getattr(self.loader, "manifest", None),
+                    "data_url": self.cfg.data.url,
                 },
                 self.cfg.output_storage_options(),
             )

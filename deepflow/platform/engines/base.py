@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepflow.models.conditions import Condition
 from deepflow.platform.distributed import DistContext
 
 __all__ = ["Engine", "OptimizerSettings", "PRECISION_DTYPES", "build_adamw"]
@@ -103,8 +104,8 @@ class Engine(ABC):
         """Context for one micro-batch; gradients are synchronised only when ``boundary`` is True."""
         yield
 
-    def forward_train(self, x: torch.Tensor, times: torch.Tensor, y: torch.Tensor) -> Any:
-        """x [B,C,H,W] float, times [B,k] float32, y [B] long -> BranchOutputs, via the wrapper's __call__."""
+    def forward_train(self, x: torch.Tensor, times: torch.Tensor, y: Condition) -> Any:
+        """x [B,C,H,W] float, times [B,k] float32, y labels [B] long or a text dict -> BranchOutputs, via the wrapper's __call__."""
         return self.module(x, times, y, return_all=True)
 
     @abstractmethod

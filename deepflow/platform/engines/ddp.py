@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from deepflow.models.conditions import Condition
 from deepflow.platform.distributed import DistContext
 from deepflow.platform.engines.base import Engine, OptimizerSettings, build_adamw
 
@@ -60,7 +61,7 @@ class DDPEngine(Engine):
             with self.module.no_sync():
                 yield
 
-    def forward_train(self, x: torch.Tensor, times: torch.Tensor, y: torch.Tensor) -> Any:
+    def forward_train(self, x: torch.Tensor, times: torch.Tensor, y: Condition) -> Any:
         if self._autocast_dtype is None:
             return self.module(x, times, y, return_all=True)
         with torch.autocast(self.ctx.device.type, dtype=self._autocast_dtype):

