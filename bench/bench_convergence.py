@@ -47,14 +47,14 @@ class Variant:
 
 def variants() -> list[Variant]:
     return [
-        Variant("SiT", "SiT-S/4", curve=True),
-        Variant("DeepFlow-2T", "DeepFlow-S/4-2T", curve=True),
-        Variant("DeepFlow-3T", "DeepFlow-S/4-3T"),
-        Variant("ablation: deep supervision only", "DeepFlow-S/4-2T", {"vera_mode": "identity"},
+        Variant("SiT", "SiT-S/2", curve=True),
+        Variant("DeepFlow-2T", "DeepFlow-S/2-2T", curve=True),
+        Variant("DeepFlow-3T", "DeepFlow-S/2-3T"),
+        Variant("ablation: deep supervision only", "DeepFlow-S/2-2T", {"vera_mode": "identity"},
                 {"alpha": 0.0, "acc_weight": 0.0}),
-        Variant("ablation: + time gap (VeRA w/o acc. loss, w/o cross attn.)", "DeepFlow-S/4-2T",
+        Variant("ablation: + time gap (VeRA w/o acc. loss, w/o cross attn.)", "DeepFlow-S/2-2T",
                 {"vera_mode": "no_cross_attention"}, {"acc_weight": 0.0}),
-        Variant("ablation: + acceleration (VeRA w/o cross attn.)", "DeepFlow-S/4-2T",
+        Variant("ablation: + acceleration (VeRA w/o cross attn.)", "DeepFlow-S/2-2T",
                 {"vera_mode": "no_cross_attention"}),
     ]
 
@@ -76,7 +76,7 @@ def evaluate(model: torch.nn.Module, quality: ClassifierQuality, num_samples: in
 def train_variant(variant: Variant, args: argparse.Namespace, quality: ClassifierQuality, eval_points: list[int]) -> dict:
     torch.manual_seed(args.seed)
     model = create_model(variant.name, depth=args.depth, hidden_size=args.width, num_heads=args.heads,
-                         input_size=32, in_channels=1, num_classes=10, acc_widths=(2 * args.width,) * 3,
+                         input_size=16, in_channels=1, num_classes=10, acc_widths=(2 * args.width,) * 3,
                          **variant.model)
     objective = FlowObjective(time_sampling="lognormal", **variant.objective)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
@@ -117,7 +117,7 @@ def write_outputs(results: list[dict], args: argparse.Namespace, real: dict) -> 
     target = sit["history"][-1]["fd"]
     reach = first_step_reaching(df["history"], target)
     lines = [
-        f"Fashion-MNIST 32x32 pixels, depth {args.depth}, width {args.width}, patch 4, batch {args.batch}, "
+        f"Fashion-MNIST 16x16 pixels, depth {args.depth}, width {args.width}, patch 2, batch {args.batch}, "
         f"{'bf16 autocast' if args.bf16 else 'fp32'}, "
         f"AdamW lr {args.lr}, {args.steps} steps, seed {args.seed}; {args.eval_samples} Euler-{args.sample_steps} "
         f"samples without guidance; real held-out images score FD {real['fd']:.2f}, accuracy {real['accuracy']:.3f}.",
@@ -161,14 +161,15 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT / "runs" / "demo" / "data-fashion_mnist"))
+    parser.add_argument("--data", default=str(ROOT / "runs" / "demo" / "data-fashion_mnist"),
+                        help="Fashion-MNIST 16x16 pixel shards (the main job's; precomputed when missing)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--width", type=int, default=96)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 training (default: bf16 autocast)")
     parser.add_argument("--eval-samples", type=int, default=500)
@@ -182,7 +183,7 @@ def main() -> int:
         from deepflow.data_pipeline.config import load_config
         from deepflow.data_pipeline.precompute import run_precompute
 
-        run_precompute(load_config(str(ROOT / "configs/demo/precompute-fmnist.yaml"), [f"output.url={args.data}"]),
+        run_precompute(load_config(str(ROOT / "configs/demo/precompute-fmnist16.yaml"), [f"output.url={args.data}"]),
                        0, 1, progress=True)
     quality = ClassifierQuality.for_dataset("fashion_mnist")
     real_x, real_y = quality.unseen_real

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+
+from deepflow import overrides
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -225,22 +227,10 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
     """Apply one ``a.b.c=value`` override in place; ``value`` is parsed as YAML (numbers, lists, null)."""
-    if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r}: expected the form a.b.c=value")
-    dotted, raw_value = assignment.split("=", 1)
-    parts = [p for p in dotted.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"override {assignment!r}: empty field path")
-    value = yaml.safe_load(raw_value) if raw_value.strip() else ""
-    node = tree
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {assignment!r}: {'.'.join(parts[: depth + 1])} is not a section")
-        node = child
-    node[parts[-1]] = value
+    try:
+        overrides.apply_override(tree, assignment)
+    except overrides.OverrideError as error:
+        raise ConfigError(str(error)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

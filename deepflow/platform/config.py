@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import fsspec
 import yaml
+
+from deepflow.overrides import OverrideError, apply_override
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
@@ -437,31 +439,13 @@ def _format_validation_error(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _parse_scalar(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides to a raw config tree (in place) and return it."""
     for override in overrides:
-        if "=" not in override:
-            raise ConfigError(f"--set {override!r}: expected dotted.path=value")
-        path, _, raw_value = override.partition("=")
-        keys = [key for key in path.strip().split(".") if key]
-        if not keys:
-            raise ConfigError(f"--set {override!r}: empty field path")
-        node: Any = tree
-        for depth, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"{'.'.join(keys[: depth + 1])}: is not a section, cannot set {path}")
-            node = child
-        node[keys[-1]] = _parse_scalar(raw_value)
+        try:
+            apply_override(tree, override)
+        except OverrideError as error:
+            raise ConfigError(f"--set {error}") from None
     return tree
 
 

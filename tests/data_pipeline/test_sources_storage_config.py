@@ -163,7 +163,7 @@ def test_config_errors_name_the_field_path(tmp_path: Path) -> None:
         load_config(digits, ["encoder.flip_copy=true"])
     with pytest.raises(ConfigError, match=r"output\.samples_per_shard: Input should be greater than or equal to 1"):
         load_config(digits, ["output.samples_per_shard=0"])
-    with pytest.raises(ConfigError, match="expected the form"):
+    with pytest.raises(ConfigError, match="expected dotted.path=value"):
         load_config(digits, ["output.url"])
     with pytest.raises(ConfigError, match=r"preprocess\.channels: the vae encoder needs 3 channels"):
         load_config(tree={"source": {"kind": "digits"}, "encoder": {"kind": "vae"}, "output": {"url": "x"},
