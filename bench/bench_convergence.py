@@ -99,7 +99,7 @@ def train_variant(variant: Variant, args: argparse.Namespace, quality: Classifie
         train_time += time.perf_counter() - tick
         if step in points:
             scores = evaluate(model, quality, args.eval_samples, args.sample_steps)
-            history.append({"step": step, **scores, "loss_last_branch": float(terms[f"deep_{model.num_branches - 1}"])})
+            history.append({"step": step, **scores, "loss_last_branch": terms[f"deep_{model.num_branches - 1}"].item()})
             print(f"  {variant.label:58s} step {step:5d}  FD {scores['fd']:8.2f}  acc {scores['accuracy']:.3f}"
                   f"  ({time.perf_counter() - start:.0f}s)", flush=True)
     loader.close()
@@ -113,7 +113,9 @@ def first_step_reaching(history: list[dict], target_fd: float) -> int | None:
 
 
 def write_outputs(results: list[dict], args: argparse.Namespace, real: dict) -> str:
-    sit, df = results[0], results[1]
+    by_label = {r["label"]: r for r in results}
+    sit, df = by_label["SiT"], by_label["DeepFlow-2T"]
+    results = [sit, df] + [r for r in results if r["label"] not in ("SiT", "DeepFlow-2T")]
     target = sit["history"][-1]["fd"]
     reach = first_step_reaching(df["history"], target)
     lines = [
@@ -127,28 +129,30 @@ def write_outputs(results: list[dict], args: argparse.Namespace, real: dict) -> 
     ]
     for a, b in zip(sit["history"], df["history"]):
         lines.append(f"| {a['step']} | {a['fd']:.2f} / {a['accuracy']:.3f} | {b['fd']:.2f} / {b['accuracy']:.3f} |")
-    lines += ["", "| run (final step) | params | GMACs/img | s/step | FD | accuracy |", "|---|---|---|---|---|---|"]
+    lines += ["", "| run (final step) | params | GMACs/img | FD | accuracy |", "|---|---|---|---|---|"]
     for r in results:
         last = r["history"][-1]
         lines.append(f"| {r['label']} | {r['params'] / 1e6:.2f}M | {r['gmacs_per_image']:.3f} | "
-                     f"{r['train_s_per_step']:.3f} | {last['fd']:.2f} | {last['accuracy']:.3f} |")
+                     f"{last['fd']:.2f} | {last['accuracy']:.3f} |")
     lines += ["", f"DeepFlow-2T first reaches SiT's final FD ({target:.2f}) at step "
               f"{reach if reach is not None else 'never (within the budget)'} of {args.steps}."]
     return "\n".join(lines)
 
 
 def plot(results: list[dict], path: Path) -> None:
+    """FD and accuracy versus step: curves for SiT and DeepFlow-2T, crosses for the final-budget runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for r in results[:2]:
+    results = sorted(results, key=lambda r: len(r["history"]) == 1)  # curves first
+    for r in [r for r in results if len(r["history"]) > 1]:
         steps = [h["step"] for h in r["history"]]
         axes[0].plot(steps, [h["fd"] for h in r["history"]], marker="o", label=r["label"])
         axes[1].plot(steps, [h["accuracy"] for h in r["history"]], marker="o", label=r["label"])
-    for r in results[2:]:
+    for r in [r for r in results if len(r["history"]) == 1]:
         h = r["history"][-1]
         axes[0].scatter([h["step"]], [h["fd"]], marker="x", label=r["label"])
         axes[1].scatter([h["step"]], [h["accuracy"]], marker="x", label=r["label"])
@@ -174,10 +178,20 @@ def main() -> int:
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 training (default: bf16 autocast)")
     parser.add_argument("--eval-samples", type=int, default=500)
     parser.add_argument("--sample-steps", type=int, default=20)
-    parser.add_argument("--only", type=int, default=None, help="run only the first N variants")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated variant indices to run (default: all); write the table with --merge")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="only write the table/plot from the .json files of earlier (partial) runs")
     parser.add_argument("--out", default=str(ROOT / "docs" / "convergence"))
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        parts = [json.loads(Path(path).read_text()) for path in args.merge]
+        results = [r for part in parts for r in part["results"]]
+        args = argparse.Namespace(**{**parts[0]["args"], "out": args.out})
+        return finish(results, args, parts[0]["real"], out)
 
     if not (Path(args.data) / "manifest.json").exists():
         from deepflow.data_pipeline.config import load_config
@@ -192,18 +206,26 @@ def main() -> int:
     if eval_points[-1] != args.steps:
         eval_points.append(args.steps)
 
+    chosen = variants()
+    if args.variants is not None:
+        chosen = [chosen[int(index)] for index in args.variants.split(",")]
     results = []
-    for variant in variants()[: args.only]:
+    for variant in chosen:
         print(f"{variant.label}: {variant.name} {variant.model} {variant.objective}", flush=True)
         results.append(train_variant(variant, args, quality, eval_points))
+        out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "real": real, "results": results}, indent=1))
+    if {r["label"] for r in results} >= {"SiT", "DeepFlow-2T"}:
+        return finish(results, args, real, out)
+    print(f"wrote {out.with_suffix('.json')} (partial: combine with --merge)")
+    return 0
+
+
+def finish(results: list[dict], args: argparse.Namespace, real: dict, out: Path) -> int:
     table = write_outputs(results, args, real)
     print("\n" + table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "real": real, "results": results}, indent=1))
     plot(results, out.with_suffix(".png"))
-    print(f"\nwrote {out.with_suffix('.md')}, {out.with_suffix('.png')}, {out.with_suffix('.json')}")
+    print(f"\nwrote {out.with_suffix('.md')}, {out.with_suffix('.png')}")
     return 0
 
 
