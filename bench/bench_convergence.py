@@ -134,8 +134,8 @@ def write_outputs(results: list[dict], args: argparse.Namespace, real: dict) -> 
         last = r["history"][-1]
         lines.append(f"| {r['label']} | {r['params'] / 1e6:.2f}M | {r['gmacs_per_image']:.3f} | "
                      f"{last['fd']:.2f} | {last['accuracy']:.3f} |")
-    lines += ["", f"DeepFlow-2T first reaches SiT's final FD ({target:.2f}) at step "
-              f"{reach if reach is not None else 'never (within the budget)'} of {args.steps}."]
+    lines += ["", f"DeepFlow-2T first reaches SiT's final FD ({target:.2f}) at step {reach} of {args.steps}." if reach
+              else f"DeepFlow-2T does not reach SiT's final FD ({target:.2f}) within the {args.steps}-step budget."]
     return "\n".join(lines)
 
 
@@ -152,10 +152,10 @@ def plot(results: list[dict], path: Path) -> None:
         steps = [h["step"] for h in r["history"]]
         axes[0].plot(steps, [h["fd"] for h in r["history"]], marker="o", label=r["label"])
         axes[1].plot(steps, [h["accuracy"] for h in r["history"]], marker="o", label=r["label"])
-    for r in [r for r in results if len(r["history"]) == 1]:
+    for color, r in enumerate([r for r in results if len(r["history"]) == 1], start=2):
         h = r["history"][-1]
-        axes[0].scatter([h["step"]], [h["fd"]], marker="x", label=r["label"])
-        axes[1].scatter([h["step"]], [h["accuracy"]], marker="x", label=r["label"])
+        axes[0].scatter([h["step"]], [h["fd"]], marker="x", color=f"C{color}", label=r["label"])
+        axes[1].scatter([h["step"]], [h["accuracy"]], marker="x", color=f"C{color}", label=r["label"])
     axes[0].set(xlabel="training step", ylabel="classifier FD (lower is better)", yscale="log")
     axes[1].set(xlabel="training step", ylabel="class accuracy (higher is better)")
     axes[1].legend(fontsize=7)
