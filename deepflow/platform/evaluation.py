@@ -92,15 +92,8 @@ class Evaluator:
 
                 self.clip = ClipScorer(*_load_clip(cfg, ctx.device), batch_size=cfg.eval.clip_batch_size)
         if cfg.eval.extractor:
-            try:
-                from deepflow.platform.metrics import build_extractor
+            from deepflow.platform.metrics import build_extractor
 
-                try:  # registers the "classifier" kind (small-data classifier) with the metrics registry
-                    import deepflow.platform.quality  # noqa: F401
-                except ImportError:
-                    pass
-            except ImportError as error:  # metrics module not available in this checkout
-                raise ImportError(f"eval.extractor={cfg.eval.extractor!r} needs deepflow.platform.metrics: {error}")
             self.extractor = build_extractor(cfg.eval.extractor, **cfg.eval.extractor_options)
             if hasattr(self.extractor, "to"):
                 self.extractor = self.extractor.to(ctx.device)
@@ -264,8 +257,8 @@ class Evaluator:
                 mu, sigma = feature_statistics(feats)
                 fd = float(frechet_distance(mu, sigma, *self.reference))
                 metrics[f"eval/fd_{cfg.eval.extractor}"] = fd
-            if hasattr(self.extractor, "score") and world == 1 and not self.is_text:  # accuracy of the labels
-                metrics["eval/class_accuracy"] = float(self.extractor.score(images, labels)["accuracy"])
+            if hasattr(self.extractor, "class_accuracy") and world == 1 and not self.is_text:  # of the labels
+                metrics["eval/class_accuracy"] = self.extractor.class_accuracy(feats, labels)
         if metrics:
             self.logger.scalars(step, metrics)
         return metrics

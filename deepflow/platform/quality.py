@@ -181,27 +181,27 @@ class ClassifierQuality:
         self.reference_stats = feature_statistics(ref.numpy())
 
     @torch.no_grad()
-    def _run(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, logits = [], []
-        for start in range(0, len(images), self.batch_size):
-            x = _to_input(images[start : start + self.batch_size], self.channels, self.classifier.image_size)
-            f = self.classifier.features(x)
-            feats.append(f)
-            logits.append(self.classifier.head(f))
-        return torch.cat(feats), torch.cat(logits)
-
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 images [B, C, H, W] -> penultimate features [B, 128] (a metrics.FeatureExtractor)."""
-        return self._run(images)[0]
+        feats = []
+        for start in range(0, len(images), self.batch_size):
+            x = _to_input(images[start : start + self.batch_size], self.channels, self.classifier.image_size)
+            feats.append(self.classifier.features(x))
+        return torch.cat(feats)
+
+    @torch.no_grad()
+    def class_accuracy(self, features: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
+        """Accuracy of the classifier head on features [N, 128] (from ``__call__``) against requested labels [N]."""
+        logits = self.classifier.head(torch.as_tensor(np.asarray(features), dtype=torch.float32))
+        return float((logits.argmax(dim=1) == torch.as_tensor(np.asarray(labels), dtype=torch.long)).float().mean())
 
     def score(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> dict[str, float | str]:
         """uint8 samples [N, C, H, W] with requested labels [N] -> {"fd", "accuracy", "classifier_sha256"}."""
-        feats, logits = self._run(images)
+        feats = self(images)
         mu, sigma = feature_statistics(feats.numpy())
-        accuracy = (logits.argmax(dim=1) == torch.as_tensor(np.asarray(labels), dtype=torch.long)).float().mean()
         return {
             "fd": float(frechet_distance(mu, sigma, *self.reference_stats)),
-            "accuracy": float(accuracy),
+            "accuracy": self.class_accuracy(feats, labels),
             "classifier_sha256": self.sha256,
         }
 

@@ -35,4 +35,8 @@ def test_demo_runs_end_to_end_and_reports_quality(tmp_path: Path) -> None:
         "step-0000015", "step-0000030"]
     assert (run / "export" / "export.safetensors").exists()
     assert any((run / "tensorboard").rglob("events.out.tfevents.*"))
+    evals = [json.loads(line) for line in (run / "tensorboard" / "scalars.jsonl").read_text().splitlines()
+             if "eval/class_accuracy" in line]
+    assert [e["step"] for e in evals] == [30] and 0.0 <= evals[0]["eval/class_accuracy"] <= 1.0
+    assert evals[0]["eval/fd_classifier"] > 0
     assert "samples grid" in result.stdout and "class accuracy" in result.stdout
