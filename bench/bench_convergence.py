@@ -31,6 +31,7 @@ from deepflow.data_pipeline.loader import ShardLoader  # noqa: E402
 from deepflow.models import create_model  # noqa: E402
 from deepflow.models.flow import FlowObjective  # noqa: E402
 from deepflow.models.sampling import sample  # noqa: E402
+from deepflow.platform.evaluation import to_uint8  # noqa: E402
 from deepflow.platform.quality import ClassifierQuality  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def evaluate(model: torch.nn.Module, quality: ClassifierQuality, num_samples: in
     with torch.no_grad():
         x = sample(model, noise, labels, method="euler", steps=steps, cfg_scale=1.0)
     model.train()
-    images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    images = to_uint8(x)
     scores = quality.score(images, labels)
     return {"fd": scores["fd"], "accuracy": scores["accuracy"]}
 

@@ -82,6 +82,7 @@ def final_samples(run_dir: Path, quality: "ClassifierQuality", num_samples: int,
     from torchvision.utils import save_image
 
     from deepflow.models.sampling import sample
+    from deepflow.platform.evaluation import to_uint8
     from deepflow.platform.sampling_job import build_sampling_model, resolve_weights
 
     state, meta = resolve_weights(str(run_dir / "export"))
@@ -97,7 +98,7 @@ def final_samples(run_dir: Path, quality: "ClassifierQuality", num_samples: int,
             images.append(sample(model, noise[part], labels[part], method="euler", steps=20, cfg_scale=2.0,
                                  generator=generator))
     x = torch.cat(images).clamp(-1, 1)
-    uint8 = ((x + 1) * 127.5).round().to(torch.uint8)
+    uint8 = to_uint8(x)
     scores = quality.score(uint8, labels)
 
     # Grid: one row per class, 10 samples each (rows in class order).
