@@ -48,12 +48,12 @@ def _worker(mode: str, overrides: list[str], steps: int, repeats: int, batch: in
 
     from deepflow.models import create_model
     from deepflow.models.flow import FlowObjective
-    from deepflow.platform.checkpoint import CheckpointManager
-    from deepflow.platform.config import load_config
-    from deepflow.platform.distributed import init_distributed, shutdown_distributed, step_generator
-    from deepflow.platform.ema import ShardedEMA
-    from deepflow.platform.engines import build_engine
-    from deepflow.platform.tb_logging import peak_tflops_for
+    from deepflow.platform.train.checkpoint import CheckpointManager
+    from deepflow.platform.train.config import load_config
+    from deepflow.platform.train.distributed import init_distributed, shutdown_distributed, step_generator
+    from deepflow.platform.train.ema import ShardedEMA
+    from deepflow.platform.train.engines import build_engine
+    from deepflow.platform.train.tb_logging import peak_tflops_for
 
     cfg = load_config(None, overrides + [f"data.global_batch_size={batch}"])
     ctx = init_distributed(require_group=True)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 if TYPE_CHECKING:
-    from deepflow.platform.quality import ClassifierQuality
+    from deepflow.platform.eval.quality import ClassifierQuality
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DATASETS = {
@@ -82,8 +82,8 @@ def final_samples(run_dir: Path, quality: "ClassifierQuality", num_samples: int,
     from torchvision.utils import save_image
 
     from deepflow.models.sampling import sample
-    from deepflow.platform.evaluation import to_uint8
-    from deepflow.platform.sampling_job import build_sampling_model, resolve_weights
+    from deepflow.platform.train.periodic_eval import to_uint8
+    from deepflow.platform.inference.batch_sampling import build_sampling_model, resolve_weights
 
     state, meta = resolve_weights(str(run_dir / "export"))
     model = build_sampling_model(state, meta, torch.device("cpu"))
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     train(train_config, run_dir, data_dir, args.overrides)
 
     _banner("3/3 final samples and quality")
-    from deepflow.platform.quality import ClassifierQuality
+    from deepflow.platform.eval.quality import ClassifierQuality
 
     quality = ClassifierQuality.for_dataset(dataset)
     result = final_samples(run_dir, quality, args.samples, seed=1234)

@@ -33,7 +33,8 @@ import fsspec  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from deepflow.platform.metrics import build_extractor, evaluate_samples  # noqa: E402
+from deepflow.platform.eval.evaluator import evaluate_samples  # noqa: E402
+from deepflow.platform.eval.extractors import build_extractor  # noqa: E402
 
 
 def parse_extractor_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -63,9 +64,9 @@ def clip_results(args: argparse.Namespace) -> dict[str, Any]:
     """CLIP score of --samples against --captions with --clip-model / --clip-pretrained."""
     import warnings
 
-    from deepflow.platform.clip_score import ClipScorer, load_clip
-    from deepflow.platform.eval_batches import clip_score_samples
-    from deepflow.platform.text_eval import read_caption_file
+    from deepflow.platform.eval.clip_score import ClipScorer, load_clip
+    from deepflow.platform.eval.evaluator import clip_score_samples
+    from deepflow.platform.inference.prompts import read_caption_file
 
     captions_url = args.captions or default_captions_url(args.samples)
     try:

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from deepflow.platform.distributed import read_dist_env  # noqa: E402
-from deepflow.platform.sampling_job import SampleSettings, run_sampling  # noqa: E402
+from deepflow.platform.train.distributed import read_dist_env  # noqa: E402
+from deepflow.platform.inference.batch_sampling import SampleSettings, run_sampling  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

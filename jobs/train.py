@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from deepflow.platform.config import ConfigError, load_config  # noqa: E402
+from deepflow.platform.train.config import ConfigError, load_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"
-    from deepflow.platform.trainer import NonFiniteLossError, train
+    from deepflow.platform.train.trainer import NonFiniteLossError, train
 
     try:
         result = train(cfg, local_rank_arg=args.local_rank)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .manifest import ChannelStats, done_marker_name, finalize
 from .shards import Block, build_shard, record_name, sha256_hex, shard_name
-from .storage import Storage
+from deepflow.storage import Storage
 
 KIND_FIELDS = {"vae": ("mean", "std"), "pixel": ("pixels",)}
 

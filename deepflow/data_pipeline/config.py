@@ -11,17 +11,16 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
+from pydantic import Field, model_validator
 
-from deepflow import overrides
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from deepflow.configuration import ConfigError, ConfigSection, load_validated
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+class Strict(ConfigSection):
+    """Base of the precompute sections (unknown keys are errors)."""
 
 
 # -- sources -----------------------------------------------------------------------------------------
@@ -213,26 +212,6 @@ class PrecomputeConfig(Strict):
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the field path."""
-
-
-def format_validation_error(error: ValidationError, origin: str) -> str:
-    lines = [f"invalid precompute config ({origin}):"]
-    for item in error.errors():
-        path = ".".join(str(part) for part in item["loc"]) or "<root>"
-        lines.append(f"  {path}: {item['msg']}")
-    return "\n".join(lines)
-
-
-def apply_override(tree: dict[str, Any], assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override in place; ``value`` is parsed as YAML (numbers, lists, null)."""
-    try:
-        overrides.apply_override(tree, assignment)
-    except overrides.OverrideError as error:
-        raise ConfigError(str(error)) from None
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 tree: dict[str, Any] | None = None) -> PrecomputeConfig:
     """Read a YAML file (or take ``tree``), apply ``--set`` overrides, validate.
@@ -240,21 +219,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     Raises:
         ConfigError: unreadable file, bad override, or a validation failure listing each field path.
     """
-    origin = str(path) if path is not None else "<dict>"
-    if tree is None:
-        if path is None:
-            raise ConfigError("no config given")
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise ConfigError(f"cannot read config {origin}: {error}") from error
-    else:
-        tree = json.loads(json.dumps(tree))  # a deep copy that overrides may modify
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config {origin}: the top level must be a mapping")
-    for assignment in overrides or []:
-        apply_override(tree, assignment)
-    try:
-        return PrecomputeConfig.model_validate(tree)
-    except ValidationError as error:
-        raise ConfigError(format_validation_error(error, origin)) from error
+    if tree is None and path is None:
+        raise ConfigError("--config: no config given")
+    return load_validated(PrecomputeConfig, path, overrides, tree)

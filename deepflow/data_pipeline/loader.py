@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .manifest import FORMAT_NAME, MANIFEST_NAME
-from .storage import Storage
+from deepflow.storage import Storage
 from .shards import Block, decode_shard
 from .stream import Position, SampleStream, StreamSpec, worker_windows
 

@@ -23,13 +23,12 @@ from typing import Any
 import numpy as np
 
 from .shards import SHARD_NAME_PATTERN, record_name
-from .storage import Storage
+from deepflow.artifacts import MANIFEST_FORMAT, MANIFEST_NAME, NULL_TEXT_NAME
+from deepflow.storage import Storage
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-NULL_TEXT_NAME = "text_null.safetensors"
-FORMAT_NAME = "deepflow-shards"
+FORMAT_NAME = MANIFEST_FORMAT
 FORMAT_VERSION = 1
 
 

@@ -32,7 +32,7 @@ from .manifest import MANIFEST_NAME, NULL_TEXT_NAME, ChannelStats, done_marker_n
 from .preprocess import encode_image_bytes, preprocess_image
 from .shards import Block, build_shard, record_name, sha256_hex, shard_name
 from .sources import CorruptImageError, Source, build_source
-from .storage import Storage
+from deepflow.storage import Storage
 from .text_encoders import build_text_encoder
 
 log = logging.getLogger(__name__)

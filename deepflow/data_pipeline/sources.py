@@ -32,7 +32,7 @@ from .config import (
     ImageFolderSourceConfig,
     WebDatasetSourceConfig,
 )
-from .storage import resolve_storage_options, with_retries
+from deepflow.storage import filesystem, resolve_storage_options, with_retries
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot"]
@@ -162,7 +162,7 @@ class FileSource(Source):
     def __init__(self, root: str, storage_options: dict[str, Any]) -> None:
         self.root_url = root
         self.storage_options = resolve_storage_options(root, storage_options)
-        self.fs, self.root = fsspec.core.url_to_fs(root, **self.storage_options)
+        self.fs, self.root = filesystem(root, self.storage_options)
         self.root = self.root.rstrip("/")
         self.paths: list[str] = []  # relative to root
 
@@ -173,7 +173,7 @@ class FileSource(Source):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.fs, _ = fsspec.core.url_to_fs(self.root_url, **self.storage_options)
+        self.fs, _ = filesystem(self.root_url, self.storage_options)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -219,8 +219,7 @@ class CocoSource(FileSource):
 
     def __init__(self, config: CocoSourceConfig) -> None:
         super().__init__(config.images, config.storage_options)
-        options = resolve_storage_options(config.annotations, config.storage_options)
-        fs, path = fsspec.core.url_to_fs(config.annotations, **options)
+        fs, path = filesystem(config.annotations, config.storage_options)
         try:
             annotations = json.loads(with_retries(lambda: fs.cat_file(path), config.annotations))
             images = {int(image["id"]): image["file_name"] for image in annotations["images"]}
@@ -295,7 +294,7 @@ class WebDatasetSource(Source):
         self.description = {"kind": "webdataset", "urls": patterns}
 
     def _fs(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-        return fsspec.core.url_to_fs(url, **resolve_storage_options(url, self.storage_options))
+        return filesystem(url, self.storage_options)
 
     def _index_tar(self, url_index: int, url: str) -> None:
         fs, path = self._fs(url)

@@ -29,7 +29,7 @@ import torch
 
 from .preprocess import decode_image_bytes
 from .shards import Block, ShardError, concat_blocks, decode_shard, sha256_hex
-from .storage import Storage
+from deepflow.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from deepflow.data_pipeline.precompute import resolve_rank
 from deepflow.data_pipeline.preprocess import adm_center_crop, preprocess_image
 from deepflow.data_pipeline.shards import Block, ShardError, build_shard, decode_shard, encode_npy
 from deepflow.data_pipeline.sources import CocoSource, CorruptImageError, EmojiSource, WebDatasetSource
-from deepflow.data_pipeline.storage import Storage, register_webdataset_gopen, resolve_storage_options, with_retries
+from deepflow.storage import RetryPolicy, Storage, register_webdataset_gopen, resolve_storage_options, with_retries
 
 from .conftest import REPO
 
@@ -145,9 +145,10 @@ def test_storage_atomic_writes_retries_and_endpoint(tmp_path: Path, monkeypatch:
             raise ConnectionResetError("connection reset by peer")
         return "ok"
 
-    assert with_retries(flaky, "s3://b/k", base_delay_s=0.001) == "ok" and len(calls) == 3
-    with pytest.raises(FileNotFoundError):
-        with_retries(lambda: storage.read_bytes("missing"), "missing", base_delay_s=0.001)
+    fast = RetryPolicy(budget_s=5.0, base_delay_s=0.001)
+    assert with_retries(flaky, "s3://b/k", fast) == "ok" and len(calls) == 3
+    with pytest.raises(FileNotFoundError, match="missing"):
+        with_retries(lambda: storage.read_bytes("missing"), "missing", fast)
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     assert resolve_storage_options("s3://b/x")["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:9"

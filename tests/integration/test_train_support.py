@@ -68,7 +68,7 @@ def write_config(path: Path, overrides: list[str]) -> Path:
     """A YAML run config holding ``overrides`` (validated here first, as jobs/train.py will)."""
     import yaml
 
-    from deepflow.platform.config import apply_overrides, config_from_tree
+    from deepflow.platform.train.config import apply_overrides, config_from_tree
 
     tree = apply_overrides({"run": {"name": "test"}}, overrides)
     config_from_tree(tree)

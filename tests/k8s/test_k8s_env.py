@@ -1,4 +1,4 @@
-"""The pod environment -> node rank, world size and master address mapping (deepflow.platform.k8s_env)."""
+"""The pod environment -> node rank, world size and master address mapping (deepflow.platform.train.k8s_env)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deepflow.platform.k8s_env import hostfile_text, launcher_command, pod_topology
+from deepflow.platform.train.k8s_env import hostfile_text, launcher_command, pod_topology
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,7 +99,7 @@ def test_the_manifest_environment_maps_to_pod_zero_as_master(tmp_path: Path) -> 
     env = {**os.environ, **_manifest_pod_env(3, "research")}
     hostfile = tmp_path / "hostfile"
     done = subprocess.run(
-        [sys.executable, "-m", "deepflow.platform.k8s_env", "--launcher", "deepspeed", "--hostfile", str(hostfile),
+        [sys.executable, "-m", "deepflow.platform.train.k8s_env", "--launcher", "deepspeed", "--hostfile", str(hostfile),
          "--dry-run", "--", "jobs/train.py", "--config", "/etc/deepflow/run.yaml"],
         env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
     )

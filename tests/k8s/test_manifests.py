@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from deepflow.data_pipeline.config import load_config as load_precompute_config
-from deepflow.platform.config import load_config as load_run_config
+from deepflow.platform.train.config import load_config as load_run_config
 
 K8S_VERSION = "1.37.0"
 K8S_DIR = Path(__file__).resolve().parents[2] / "k8s"
@@ -161,7 +161,7 @@ def test_train_job_pieces_agree() -> None:
     command = container["command"]
     config_path = command[command.index("--config") + 1]
     assert config_path == f"{mounts['config']}/run.yaml" and "run.yaml" in configmap["data"]
-    assert command[:5] == ["python", "-m", "deepflow.platform.k8s_env", "--launcher", "deepspeed"]
+    assert command[:5] == ["python", "-m", "deepflow.platform.train.k8s_env", "--launcher", "deepspeed"]
     assert {"secretRef": {"name": "deepflow-object-store"}} in container["envFrom"]
 
 

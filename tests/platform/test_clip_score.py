@@ -9,7 +9,7 @@ import open_clip
 import pytest
 import torch
 
-from deepflow.platform.clip_score import (
+from deepflow.platform.eval.clip_score import (
     ClipScorer,
     clip_preprocess,
     clip_score,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from deepflow.platform.eval_batches import ReferenceBatch, evaluate_samples, extract_features, iter_npz_batches
+from deepflow.platform.eval.evaluator import ReferenceBatch, evaluate_samples, extract_features, iter_npz_batches
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,7 +94,8 @@ def test_evaluate_job_writes_all_adm_metrics(job_run) -> None:
 @pytest.mark.slow
 def test_statistics_only_reference_and_identical_batches(job_run, tmp_path) -> None:
     """A reference holding only mu/sigma/mu_s/sigma_s is used as is: identical statistics -> FID = sFID = 0."""
-    from deepflow.platform.metrics import build_extractor, feature_statistics
+    from deepflow.platform.eval.extractors import build_extractor
+    from deepflow.platform.eval.metrics import feature_statistics
 
     _, samples_url, _ = job_run
     with pytest.warns(UserWarning, match="RANDOM"):
@@ -116,7 +117,7 @@ def test_statistics_only_reference_and_identical_batches(job_run, tmp_path) -> N
 
 
 def test_evaluate_job_rejects_float_samples_and_bad_extractor_spec(tmp_path) -> None:
-    from deepflow.platform.eval_batches import nhwc_uint8_to_nchw
+    from deepflow.platform.eval.evaluator import nhwc_uint8_to_nchw
 
     with pytest.raises(ValueError, match="uint8"):
         nhwc_uint8_to_nchw(np.zeros((2, 8, 8, 3), dtype=np.float32))

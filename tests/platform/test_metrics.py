@@ -8,15 +8,14 @@ import pytest
 import torch
 from scipy import linalg
 
-from deepflow.platform import metrics
-from deepflow.platform.inception import FIDInceptionExtractor, resize_bilinear_tf1
-from deepflow.platform.metrics import (
-    build_extractor,
+from deepflow.platform.eval import extractors, metrics
+from deepflow.platform.eval.inception import FIDInceptionExtractor, resize_bilinear_tf1
+from deepflow.platform.eval.extractors import build_extractor, register_extractor
+from deepflow.platform.eval.metrics import (
     feature_statistics,
     frechet_distance,
     inception_score,
     precision_recall,
-    register_extractor,
 )
 
 
@@ -227,9 +226,9 @@ def test_register_extractor_hook() -> None:
             return images.float().mean(dim=(2, 3))
 
     register_extractor("test_mean_colour", lambda **_: MeanColour(), overwrite=True)
-    assert "test_mean_colour" in metrics.available_extractors()
+    assert "test_mean_colour" in extractors.available_extractors()
     extractor = build_extractor("test_mean_colour")
-    assert isinstance(extractor, metrics.FeatureExtractor)
+    assert isinstance(extractor, extractors.FeatureExtractor)
     with pytest.raises(ValueError, match="already registered"):
         register_extractor("test_mean_colour", lambda **_: MeanColour())
     with pytest.raises(ValueError, match="unknown feature extractor 'nope'"):

@@ -15,16 +15,16 @@ from safetensors.torch import load_file
 
 from deepflow.models import create_model
 from deepflow.models.flow import FlowObjective
-from deepflow.platform.checkpoint import (
+from deepflow.platform.train.checkpoint import (
     CheckpointManager,
     capture_rng_state,
     export_weights,
     restore_rng_state,
 )
-from deepflow.platform.config import load_config
-from deepflow.platform.distributed import DistContext, step_generator
-from deepflow.platform.ema import ShardedEMA
-from deepflow.platform.engines import build_engine
+from deepflow.platform.train.config import load_config
+from deepflow.platform.train.distributed import DistContext, step_generator
+from deepflow.platform.train.ema import ShardedEMA
+from deepflow.platform.train.engines import build_engine
 
 CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
 

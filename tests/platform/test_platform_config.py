@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from deepflow.platform.config import ConfigError, RunConfig, config_to_yaml, load_config, save_config
+from deepflow.platform.train.config import ConfigError, RunConfig, config_to_yaml, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[2]
 

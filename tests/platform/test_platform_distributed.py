@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepflow.platform.distributed import init_distributed, read_dist_env, step_generator, step_seed
+from deepflow.platform.train.distributed import init_distributed, read_dist_env, step_generator, step_seed
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "JOB_COMPLETION_INDEX",
                "NPROC_PER_NODE")

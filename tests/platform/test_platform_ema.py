@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deepflow.models import create_model
-from deepflow.platform.ema import ShardedEMA
+from deepflow.platform.train.ema import ShardedEMA
 
 
 def _tiny() -> torch.nn.Module:

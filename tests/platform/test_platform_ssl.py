@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Dinov2Config, Dinov2Model
 
-from deepflow.platform.ssl import IMAGENET_MEAN, IMAGENET_STD, DinoFeatures
+from deepflow.platform.train.ssl import IMAGENET_MEAN, IMAGENET_STD, DinoFeatures
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from deepflow.platform.tb_logging import TrainLogger, branch_layout
+from deepflow.platform.train.tb_logging import TrainLogger, branch_layout
 
 
 def _read(directory: Path) -> EventAccumulator:

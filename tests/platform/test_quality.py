@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepflow.platform.quality import ClassifierQuality
-from deepflow.platform.quality_data import load_labelled_split
+from deepflow.platform.eval.quality import ClassifierQuality
+from deepflow.platform.eval.quality_data import load_labelled_split
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from deepflow.models import create_model
-from deepflow.platform.checkpoint import export_weights
-from deepflow.platform.config import RunConfig, config_to_yaml
-from deepflow.platform.sampling_job import SampleSettings, initial_noise, label_plan, resolve_weights, run_sampling
+from deepflow.platform.train.checkpoint import export_weights
+from deepflow.platform.train.config import RunConfig, config_to_yaml
+from deepflow.platform.inference.batch_sampling import SampleSettings, initial_noise, label_plan, resolve_weights, run_sampling
 
 ROOT = Path(__file__).resolve().parents[2]
 PIXEL_KWARGS = dict(depth=2, hidden_size=32, num_heads=2, input_size=8, in_channels=3, num_classes=10,

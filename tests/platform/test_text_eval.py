@@ -22,8 +22,8 @@ from deepflow.data_pipeline.precompute import run_precompute
 from deepflow.models import create_model
 from deepflow.models.conditions import condition_to
 from deepflow.models.sampling import sample
-from deepflow.platform.config import ConfigError, config_from_tree, resolve_model_for_dataset
-from deepflow.platform.text_eval import (
+from deepflow.platform.train.config import ConfigError, config_from_tree, resolve_model_for_dataset
+from deepflow.platform.inference.prompts import (
     dataset_captions,
     dataset_prompts,
     encode_prompts,
@@ -190,9 +190,9 @@ def test_periodic_eval_of_a_text_model(emoji_url: str, tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import Dinov2Config, Dinov2Model
 
-    from deepflow.platform.distributed import DistContext
-    from deepflow.platform.evaluation import Evaluator
-    from deepflow.platform.tb_logging import TrainLogger
+    from deepflow.platform.train.distributed import DistContext
+    from deepflow.platform.train.periodic_eval import Evaluator
+    from deepflow.platform.train.tb_logging import TrainLogger
 
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                              image_size=28, patch_size=14)).save_pretrained(tmp_path / "dino")
@@ -233,7 +233,7 @@ def test_periodic_eval_of_a_text_model(emoji_url: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name,key_layers", [("train-deepflow-mmdit-24-3t", [8, 16, 24]), ("train-mmdit-24", [24])])
 def test_coco_configs_build_the_papers_mmdit(name: str, key_layers: list[int]) -> None:
-    from deepflow.platform.config import load_config
+    from deepflow.platform.train.config import load_config
 
     cfg = load_config(ROOT / "configs" / "coco" / f"{name}.yaml")
     assert cfg.objective.time_sampling == "uniform" and cfg.data.global_batch_size == 256 and not cfg.data.flip

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deepflow.platform.metrics import feature_statistics, frechet_distance
+from deepflow.platform.eval.metrics import feature_statistics, frechet_distance
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class ClassifierQuality:
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 images [B, C, H, W] -> penultimate features [B, 128] (a metrics.FeatureExtractor)."""
+        """uint8 images [B, C, H, W] -> penultimate features [B, 128] (an extractors.FeatureExtractor)."""
         feats = []
         for start in range(0, len(images), self.batch_size):
             x = _to_input(images[start : start + self.batch_size], self.channels, self.classifier.image_size)
@@ -214,7 +214,7 @@ class ClassifierQuality:
         ``num_reference``: the first N held-out images form the reference set (default: half of them); the rest
         stay unseen (``unseen_real``), to score real images against it as a baseline.
         """
-        from deepflow.platform.quality_data import load_labelled_split
+        from deepflow.platform.eval.quality_data import load_labelled_split
 
         if dataset not in RECIPES:
             raise ValueError(f"no quality classifier recipe for dataset {dataset!r}; known: {sorted(RECIPES)}")

@@ -14,7 +14,7 @@ hostname ``<job-name>-<index>``; with ``subdomain: <headless service>`` it resol
 A Kubeflow PyTorchJob sets the torchrun variables itself (PET_NODE_RANK, PET_NNODES, PET_NPROC_PER_NODE,
 PET_MASTER_ADDR, PET_MASTER_PORT); they are read when JOB_COMPLETION_INDEX is absent.
 
-``python -m deepflow.platform.k8s_env --launcher torchrun|deepspeed -- jobs/train.py --config run.yaml`` prints the
+``python -m deepflow.platform.train.k8s_env --launcher torchrun|deepspeed -- jobs/train.py --config run.yaml`` prints the
 topology and execs the launcher (DeepSpeed gets ``--no_ssh`` and a hostfile naming every pod).
 """
 from __future__ import annotations

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from deepflow.platform.config import RunConfig
-from deepflow.platform.distributed import DistContext
-from deepflow.platform.engines.base import Engine, OptimizerSettings
+from deepflow.platform.train.config import RunConfig
+from deepflow.platform.train.distributed import DistContext
+from deepflow.platform.train.engines.base import Engine, OptimizerSettings
 
 __all__ = ["Engine", "OptimizerSettings", "build_engine", "optimizer_settings"]
 
@@ -39,15 +39,15 @@ def build_engine(cfg: RunConfig, model: nn.Module, ctx: DistContext) -> Engine:
     settings = optimizer_settings(cfg, ctx.world_size)
     kind = cfg.distributed.engine
     if kind == "ddp":
-        from deepflow.platform.engines.ddp import DDPEngine
+        from deepflow.platform.train.engines.ddp import DDPEngine
 
         return DDPEngine(model, settings, ctx)
     if kind == "fsdp":
-        from deepflow.platform.engines.fsdp import FSDPEngine
+        from deepflow.platform.train.engines.fsdp import FSDPEngine
 
         return FSDPEngine(model, settings, ctx)
     if kind == "deepspeed":
-        from deepflow.platform.engines.deepspeed import DeepSpeedEngine
+        from deepflow.platform.train.engines.deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(model, settings, ctx)
     raise ValueError(f"distributed.engine: unknown engine {kind!r}")

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 from deepflow.models.conditions import Condition
-from deepflow.platform.distributed import DistContext
-from deepflow.platform.engines.base import Engine, OptimizerSettings, build_adamw
+from deepflow.platform.train.distributed import DistContext
+from deepflow.platform.train.engines.base import Engine, OptimizerSettings, build_adamw
 
 __all__ = ["DeepSpeedEngine", "deepspeed_config"]
 

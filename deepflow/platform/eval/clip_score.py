@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepflow.platform.feature_extractors import resize_and_normalize
-from deepflow.platform.inception import as_rgb_uint8
+from deepflow.platform.eval.feature_extractors import resize_and_normalize
+from deepflow.platform.eval.inception import as_rgb_uint8
 
 __all__ = ["load_clip", "clip_preprocess", "clip_score_from_features", "clip_score", "ClipScorer"]
 

@@ -162,7 +162,7 @@ def resolve_weights(url: str, storage_options: dict[str, Any] | None = None) -> 
             )
         raise FileNotFoundError(f"{url}: no EMA weights (ema/full.safetensors) in this checkpoint")
     config = yaml.safe_load(_read_bytes(fs, f"{path}/config.yaml"))
-    from deepflow.platform.config import config_from_tree
+    from deepflow.platform.train.config import config_from_tree
 
     run_config = config_from_tree(config)
     meta = {"model": run_config.model.name, "kwargs": run_config.model.create_kwargs(), "checkpoint": path,
@@ -277,7 +277,7 @@ class TextPlan:
     """
 
     def __init__(self, settings: SampleSettings, meta: dict[str, Any], device: torch.device) -> None:
-        from deepflow.platform.text_eval import (
+        from deepflow.platform.inference.prompts import (
             dataset_captions,
             dataset_prompts,
             read_caption_file,
@@ -326,7 +326,7 @@ class TextPlan:
                          for k, v in self.encoder.null().items()}
 
     def condition(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        from deepflow.platform.text_eval import encode_prompts
+        from deepflow.platform.inference.prompts import encode_prompts
 
         if self.stored is not None:
             return self.stored.select(indices).cond
@@ -455,7 +455,7 @@ def run_sampling(
         text = TextPlan(settings, meta, device)
         labels = np.full(settings.num_samples, -1, dtype=np.int64)
         if rank == 0:
-            from deepflow.platform.text_eval import normalize_caption
+            from deepflow.platform.inference.prompts import normalize_caption
 
             lines = "".join(normalize_caption(c) + "\n" for c in text.captions)
             _atomic_write(fs, f"{root}/captions.txt", lines.encode("utf-8"))

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from deepflow.platform.distributed import DistContext
+from deepflow.platform.train.distributed import DistContext
 
 __all__ = [
     "CheckpointManager",

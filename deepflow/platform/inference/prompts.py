@@ -71,7 +71,7 @@ class Prompts:
 
 def _storage(url: str, storage_options: dict[str, Any] | None) -> Any:
     from deepflow.data_pipeline.loader import split_dataset_url
-    from deepflow.data_pipeline.storage import Storage
+    from deepflow.storage import Storage
 
     return Storage(split_dataset_url(url)[0], storage_options)
 

@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from deepflow.models.conditions import Condition
-from deepflow.platform.distributed import DistContext
-from deepflow.platform.engines.base import Engine, OptimizerSettings, build_adamw
+from deepflow.platform.train.distributed import DistContext
+from deepflow.platform.train.engines.base import Engine, OptimizerSettings, build_adamw
 
 __all__ = ["DDPEngine"]
 

@@ -24,8 +24,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from deepflow.models.conditions import Condition
-from deepflow.platform.distributed import DistContext
-from deepflow.platform.engines.base import Engine, OptimizerSettings, build_adamw
+from deepflow.platform.train.distributed import DistContext
+from deepflow.platform.train.engines.base import Engine, OptimizerSettings, build_adamw
 
 __all__ = ["FSDPEngine"]
 

@@ -1,11 +1,11 @@
 """In-training evaluation: a sample grid from the EMA weights (TensorBoard image + PNG) and a Frechet distance in
-the features of a configured extractor (``deepflow.platform.metrics.build_extractor``); for text-to-image models
+the features of a configured extractor (``deepflow.platform.eval.extractors.build_extractor``); for text-to-image models
 also the CLIP score of the samples against their captions (``eval.clip_model``, open_clip).
 
 Samples use a fixed noise/label draw (seeded by run.seed) so grids of successive evaluations are comparable;
 labels cycle through the classes. Text models are conditioned on the captions of the first ``eval.num_samples``
 samples of the training shards (manifest order, first caption of each, with its stored embedding; see
-``deepflow.platform.text_eval.dataset_prompts``), guided against the dataset's null text; the grid's captions go
+``deepflow.platform.inference.prompts.dataset_prompts``), guided against the dataset's null text; the grid's captions go
 to TensorBoard as text. Pixel datasets map [-1, 1] -> uint8; latent datasets are decoded with the
 diffusers ``AutoencoderKL`` named by ``eval.vae`` (latents / manifest latent_scale). The reference statistics are
 read from ``eval.reference``: an ``.npz`` with ``mu``/``sigma``, an ``.npz`` of uint8 images (``arr_0``, NHWC or
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from deepflow.platform.config import RunConfig, storage_options_for
-from deepflow.platform.distributed import DistContext
-from deepflow.platform.tb_logging import TrainLogger
+from deepflow.platform.train.config import RunConfig, storage_options_for
+from deepflow.platform.train.distributed import DistContext
+from deepflow.platform.train.tb_logging import TrainLogger
 
 __all__ = ["Evaluator", "to_uint8", "make_grid_uint8"]
 
@@ -80,7 +80,7 @@ class Evaluator:
         self.model.requires_grad_(False)
         self.is_text = getattr(self.model, "conditioning", "class") == "text"
         if self.is_text:
-            from deepflow.platform.text_eval import dataset_prompts, read_null_text
+            from deepflow.platform.inference.prompts import dataset_prompts, read_null_text
 
             storage = cfg.data.resolved_storage_options()
             offset, count = self._share()
@@ -88,11 +88,11 @@ class Evaluator:
             self.prompts = dataset_prompts(cfg.data.url, max(count, 1), storage, start=offset)
             self.null_text = read_null_text(cfg.data.url, storage, self.manifest or None)
             if cfg.eval.clip_model:
-                from deepflow.platform.clip_score import ClipScorer
+                from deepflow.platform.eval.clip_score import ClipScorer
 
                 self.clip = ClipScorer(*_load_clip(cfg, ctx.device), batch_size=cfg.eval.clip_batch_size)
         if cfg.eval.extractor:
-            from deepflow.platform.metrics import build_extractor
+            from deepflow.platform.eval.extractors import build_extractor
 
             self.extractor = build_extractor(cfg.eval.extractor, **cfg.eval.extractor_options)
             if hasattr(self.extractor, "to"):
@@ -125,7 +125,7 @@ class Evaluator:
         return torch.cat(feats).numpy().astype(np.float64)
 
     def _reference_stats(self) -> tuple[np.ndarray, np.ndarray] | None:
-        from deepflow.platform.metrics import feature_statistics
+        from deepflow.platform.eval.metrics import feature_statistics
 
         reference = self.cfg.eval.reference
         if reference is None:  # an extractor with its own reference set (the small-data classifier)
@@ -249,7 +249,7 @@ class Evaluator:
         if clip_scores is not None:
             metrics["eval/clip_score"] = float(clip_scores.float().mean())
         if feats is not None:
-            from deepflow.platform.metrics import feature_statistics, frechet_distance
+            from deepflow.platform.eval.metrics import feature_statistics, frechet_distance
 
             if self.reference is None:
                 self.reference = self._reference_stats()
@@ -277,7 +277,7 @@ class Evaluator:
 
 def _load_clip(cfg: RunConfig, device: torch.device) -> tuple[Any, Any]:
     """(open_clip model, tokenizer) of ``eval.clip_model`` / ``eval.clip_pretrained`` / ``eval.clip_model_kwargs``."""
-    from deepflow.platform.clip_score import load_clip
+    from deepflow.platform.eval.clip_score import load_clip
 
     try:
         return load_clip(cfg.eval.clip_model, cfg.eval.clip_pretrained, device, **cfg.eval.clip_model_kwargs)

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
 from typing import Any, Literal
 
-import fsspec
 import yaml
+from pydantic import Field, field_validator, model_validator
 
-from deepflow.overrides import OverrideError, apply_override
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from deepflow.configuration import ConfigError, ConfigSection, apply_overrides, load_validated, validate_tree
+from deepflow.storage import is_remote_url, write_url_text
 
 __all__ = [
     "ConfigError",
@@ -36,12 +35,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A configuration problem; ``str(error)`` lists one ``field.path: message`` per line."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+_Section = ConfigSection
 
 
 class RunSection(_Section):
@@ -217,7 +211,7 @@ class EvalSection(_Section):
     grid_size: int = Field(16, ge=1)
     all_ranks: bool = Field(False, description="split sampling and feature extraction over all ranks")
     sampler: SamplerSection = Field(default_factory=SamplerSection)
-    extractor: str | None = Field(None, description="metrics.build_extractor kind; None: no Frechet distance")
+    extractor: str | None = Field(None, description="extractors.build_extractor kind; None: no Frechet distance")
     extractor_options: dict[str, Any] = Field(default_factory=dict)
     reference: str | None = Field(
         None, description="npz with mu/sigma (or arr_0 uint8 images); 'data': statistics of the training shards"
@@ -408,11 +402,6 @@ def resolve_model_for_dataset(cfg: RunConfig, manifest: dict[str, Any] | None) -
     return updated
 
 
-def is_remote_url(url: str) -> bool:
-    """True for object-store / network URLs (s3://, gs://, ...); False for local paths and file://."""
-    return "://" in url and not url.startswith(("file://", "local://"))
-
-
 def storage_options_for(url: str, *candidates: dict[str, Any] | None) -> dict[str, Any]:
     """The first non-empty candidate when ``url`` is remote, else {} (local filesystems take no S3 options)."""
     if not is_remote_url(url):
@@ -427,58 +416,14 @@ def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def _format_validation_error(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        path = ".".join(str(part) for part in item["loc"]) or "<root>"
-        message = item["msg"]
-        if message.startswith("Value error, "):
-            message = message[len("Value error, ") :]
-        # A model_validator error carries no location; the message itself starts with the field path.
-        lines.append(message if path == "<root>" and ":" in message.split(" ")[0] else f"{path}: {message}")
-    return "\n".join(lines)
-
-
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides to a raw config tree (in place) and return it."""
-    for override in overrides:
-        try:
-            apply_override(tree, override)
-        except OverrideError as error:
-            raise ConfigError(f"--set {error}") from None
-    return tree
-
-
-def _read_text(path: str | os.PathLike[str]) -> str:
-    with fsspec.open(str(path), "r") as handle:
-        return handle.read()
-
-
 def config_from_tree(tree: dict[str, Any]) -> RunConfig:
     """Validate a raw tree; raise :class:`ConfigError` naming every bad field path."""
-    try:
-        return RunConfig.model_validate(tree)
-    except ValidationError as error:
-        raise ConfigError(_format_validation_error(error)) from None
+    return validate_tree(RunConfig, tree)
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML run config (local path or fsspec URL), apply dotted overrides, validate."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(_read_text(path))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        tree = loaded
-    apply_overrides(tree, list(overrides or []))
-    return config_from_tree(tree)
+    """Load a YAML run config (local path or storage URL), apply dotted overrides, validate."""
+    return load_validated(RunConfig, None if path is None else str(path), overrides)
 
 
 _SECRET_WORDS = ("secret", "password", "token", "credential", "key")
@@ -514,8 +459,4 @@ def config_to_yaml(config: RunConfig, redact_secrets: bool = True) -> str:
 
 def save_config(config: RunConfig, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
     """Write the resolved config to a local path or fsspec URL."""
-    target = str(url)
-    if "://" not in target:
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-    with fsspec.open(target, "w", **(storage_options or {})) as handle:
-        handle.write(config_to_yaml(config))
+    write_url_text(str(url), config_to_yaml(config), storage_options)

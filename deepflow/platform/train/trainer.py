@@ -27,24 +27,24 @@ import torch
 import torch.distributed as dist
 
 from deepflow.models.conditions import condition_from_batch
-from deepflow.platform.checkpoint import (
+from deepflow.platform.train.checkpoint import (
     CheckpointManager,
     PreemptionHandler,
     capture_rng_state,
     export_weights,
     restore_rng_state,
 )
-from deepflow.platform.config import RunConfig, config_to_yaml, resolve_model_for_dataset, save_config
-from deepflow.platform.distributed import (
+from deepflow.platform.train.config import RunConfig, config_to_yaml, resolve_model_for_dataset, save_config
+from deepflow.platform.train.distributed import (
     DistContext,
     init_distributed,
     seed_everything,
     shutdown_distributed,
     step_generator,
 )
-from deepflow.platform.ema import ShardedEMA
-from deepflow.platform.engines import Engine, build_engine
-from deepflow.platform.tb_logging import TrainLogger, branch_layout, console_logger, peak_tflops_for
+from deepflow.platform.train.ema import ShardedEMA
+from deepflow.platform.train.engines import Engine, build_engine
+from deepflow.platform.train.tb_logging import TrainLogger, branch_layout, console_logger, peak_tflops_for
 
 __all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "train"]
 
@@ -148,7 +148,7 @@ class Trainer:
         )
         self.ssl = None
         if cfg.model.ssl_align:
-            from deepflow.platform.ssl import DinoFeatures
+            from deepflow.platform.train.ssl import DinoFeatures
 
             self.ssl = DinoFeatures(cfg.ssl.encoder, image_size=cfg.ssl.image_size, device=ctx.device)
         self.checkpoints = CheckpointManager(
@@ -166,7 +166,7 @@ class Trainer:
         self.peak_tflops = cfg.logging.peak_tflops or peak_tflops_for(ctx.device, cfg.precision)
         self.evaluator = None
         if cfg.eval.every > 0:
-            from deepflow.platform.evaluation import Evaluator
+            from deepflow.platform.train.periodic_eval import Evaluator
 
             self.evaluator = Evaluator(cfg, ctx, self.logger, manifest=getattr(self.loader, "manifest", None))
         self.step = 0

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from deepflow.platform.metrics import (
-    FeatureExtractor,
+from deepflow.platform.eval.extractors import FeatureExtractor
+from deepflow.platform.eval.metrics import (
     feature_statistics,
     frechet_distance,
     inception_score,
@@ -236,7 +236,7 @@ def clip_score_samples(
 ) -> dict[str, float]:
     """CLIP score of a sample batch (uint8 NHWC array/tensor or .npz URL, streamed) against its captions: image i is
     paired with ``captions[i]``. ``scorer(images uint8 [B,3,H,W], captions) -> per-pair scores [B]`` is a
-    ``deepflow.platform.clip_score.ClipScorer``. Returns {"clip_score": mean, "clip_score_std": std over pairs}."""
+    ``deepflow.platform.eval.clip_score.ClipScorer``. Returns {"clip_score": mean, "clip_score_std": std over pairs}."""
     total = _count(samples, storage_options)
     captions = list(captions)
     if len(captions) < total:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from deepflow.models.conditions import Condition
-from deepflow.platform.distributed import DistContext
+from deepflow.platform.train.distributed import DistContext
 
 __all__ = ["Engine", "OptimizerSettings", "PRECISION_DTYPES", "build_adamw"]
 

@@ -1,0 +1,1 @@
+"""Inference: one generate path (conditions -> sampler -> decoder -> uint8) and the batch sampling job."""

@@ -1,0 +1,1 @@
+"""Training: config, distributed context, engines, EMA, checkpoints, trainer, logging, periodic eval."""
