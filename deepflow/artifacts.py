@@ -107,6 +107,10 @@ class Manifest(_Open):
     encoder: dict[str, Any] = Field(default_factory=dict)
     text: TextFeatures | None = None
     has_captions: bool = False
+    has_flip: bool = False
+    image_format: str | None = None
+    class_names: list[str] | None = None
+    fields: dict[str, dict[str, Any]] = Field(default_factory=dict)
     num_samples: int = 0
     shards: list[ShardEntry] = Field(default_factory=list)
 

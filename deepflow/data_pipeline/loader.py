@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .manifest import FORMAT_NAME, MANIFEST_NAME
+from deepflow.artifacts import MANIFEST_NAME, Manifest, read_manifest
 from deepflow.storage import Storage
 from .shards import Block, decode_shard
 from .stream import Position, SampleStream, StreamSpec, worker_windows
@@ -222,14 +222,8 @@ class ShardLoader:
         self.worker_mode = worker_mode
         directory, pattern = split_dataset_url(url)
         self.storage = Storage(directory, storage_options, endpoint_url)
-        try:
-            self.manifest: dict[str, Any] = self.storage.read_json(MANIFEST_NAME)
-        except FileNotFoundError as error:
-            raise FileNotFoundError(f"{self.storage.url_of(MANIFEST_NAME)}: no manifest; the dataset is not "
-                                    "committed (precompute unfinished?)") from error
-        if self.manifest.get("format") != FORMAT_NAME:
-            raise ValueError(f"{self.storage.url_of(MANIFEST_NAME)}: not a {FORMAT_NAME} manifest")
-        shards = [(s["name"], int(s["num_samples"])) for s in self.manifest["shards"]]
+        self.manifest: Manifest = read_manifest(self.storage.url, self.storage.storage_options)
+        shards = [(s.name, int(s.num_samples)) for s in self.manifest.shards]
         if pattern is not None:
             names = set(expand_pattern(pattern))
             shards = [s for s in shards if s[0] in names or any(fnmatch.fnmatchcase(s[0], p) for p in names)]
@@ -282,12 +276,12 @@ class ShardLoader:
     def null_text(self) -> dict[str, torch.Tensor] | None:
         """The empty caption's encoding (for CFG): ``text_emb`` float32 [L, D], ``text_mask`` bool [L],
         ``text_pooled`` float32 [P]; None for datasets without captions."""
-        text = self.manifest.get("text")
+        text = self.manifest.text
         if not text:
             return None
         from safetensors.numpy import load
 
-        arrays = load(self.storage.read_bytes(text["null"]))
+        arrays = load(self.storage.read_bytes(text.null))
         return {name: torch.from_numpy(value).float() if value.dtype.kind == "f" else torch.from_numpy(value)
                 for name, value in arrays.items()}
 
@@ -391,9 +385,8 @@ def read_shards(url: str, storage_options: dict[str, Any] | None = None) -> Iter
     For inspection and tests (no shuffling, no sampling); the arrays hold the stored values.
     """
     storage = Storage(split_dataset_url(url)[0], storage_options)
-    manifest = storage.read_json(MANIFEST_NAME)
-    for shard in manifest["shards"]:
-        yield shard["name"], decode_shard(storage.read_bytes(shard["name"]), storage.url_of(shard["name"]))
+    for shard in read_manifest(storage.url, storage.storage_options).shards:
+        yield shard.name, decode_shard(storage.read_bytes(shard.name), storage.url_of(shard.name))
 
 
 def describe_batch(batch: dict[str, Any]) -> str:

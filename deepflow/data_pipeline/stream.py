@@ -29,6 +29,7 @@ import torch
 
 from .preprocess import decode_image_bytes
 from .shards import Block, ShardError, concat_blocks, decode_shard, sha256_hex
+from deepflow.artifacts import Manifest
 from deepflow.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class StreamSpec:
     """Everything a worker process needs to produce its batches (picklable)."""
 
     storage: Storage
-    manifest: dict[str, Any]
+    manifest: Manifest
     shards: tuple[tuple[str, int], ...]  # (name, num_samples), the loader's selection
     batch_size: int
     rank: int
@@ -99,13 +100,13 @@ class SampleStream:
     def __init__(self, spec: StreamSpec, worker: int) -> None:
         self.spec = spec
         self.worker = worker
-        self.checksums = {s["name"]: s.get("sha256") for s in spec.manifest["shards"]}
-        self.fields = spec.manifest["fields"]
-        self.kind = spec.manifest["kind"]
-        self.scale = float(spec.manifest.get("latent_scale") or 1.0)
-        self.has_flip_copy = bool(spec.manifest.get("has_flip"))
-        self.has_text = spec.manifest.get("text") is not None
-        self.has_images = bool(spec.manifest.get("image_format")) and spec.decode_images
+        self.checksums = {s.name: s.sha256 for s in spec.manifest.shards}
+        self.fields = spec.manifest.fields
+        self.kind = spec.manifest.kind
+        self.scale = float(spec.manifest.latent_scale or 1.0)
+        self.has_flip_copy = spec.manifest.has_flip
+        self.has_text = spec.manifest.text is not None
+        self.has_images = bool(spec.manifest.image_format) and spec.decode_images
         self.corrupt: list[str] = []  # URLs skipped since the last batch
         self._fetcher: ThreadPoolExecutor | None = None
         self._fetches: dict[str, Future[bytes]] = {}

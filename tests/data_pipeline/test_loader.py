@@ -140,7 +140,7 @@ def test_vae_latent_sampling_and_exact_flip_copy(tmp_path: Path) -> None:
     write_array_dataset(str(tmp_path / "vae"), {"mean": mean, "std": std, "mean_flip": mean_flip, "std_flip": std},
                         np.arange(count) % 10, samples_per_shard=16, samples_per_block=8)
     loader = ShardLoader(str(tmp_path / "vae"), batch_size=count, with_keys=True, seed=3)
-    assert loader.manifest["kind"] == "vae" and loader.manifest["has_flip"]
+    assert loader.manifest.kind == "vae" and loader.manifest.has_flip
     batch = next(iter(loader))
     loader.close()
     rows = [int(key.split("-")[1]) for key in batch["key"]]

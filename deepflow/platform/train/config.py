@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from deepflow.artifacts import Manifest
 from deepflow.configuration import ConfigError, ConfigSection, apply_overrides, load_validated, validate_tree
 from deepflow.storage import is_remote_url, write_url_text
 
@@ -347,7 +348,7 @@ class RunConfig(_Section):
         return self.data.global_batch_size // denominator
 
 
-def resolve_model_for_dataset(cfg: RunConfig, manifest: dict[str, Any] | None) -> RunConfig:
+def resolve_model_for_dataset(cfg: RunConfig, manifest: Manifest | None) -> RunConfig:
     """Check the model against the dataset's manifest and fill what the dataset decides; return the updated config.
 
     Text models need a caption dataset (manifest ``text`` set); ``model.extra.context_dim`` / ``pooled_dim`` are
@@ -356,13 +357,13 @@ def resolve_model_for_dataset(cfg: RunConfig, manifest: dict[str, Any] | None) -
     filled from ``text.max_length``. Class-conditional models are refused on caption datasets (no labels).
     A config without a manifest is returned unchanged.
     """
-    if not manifest:
+    if manifest is None:
         return cfg
     model = cfg.model
-    text = manifest.get("text")
+    text = manifest.text
     url = cfg.data.url
     if not model.is_text:
-        if text or manifest.get("has_captions"):
+        if text or manifest.has_captions:
             raise ConfigError(
                 f"model.name: {model.name} is class-conditional but data.url={url} is a caption dataset (no class "
                 "labels); use a text-to-image model such as 'DeepFlow-MMDiT-24-3T'"
@@ -375,20 +376,20 @@ def resolve_model_for_dataset(cfg: RunConfig, manifest: dict[str, Any] | None) -
         )
     extra = dict(model.extra)
     for key, manifest_key in (("context_dim", "dim"), ("pooled_dim", "pooled_dim")):
-        expected = int(text[manifest_key])
+        expected = int(getattr(text, manifest_key))
         given = extra.get(key)
         if given is None:
             extra[key] = expected
         elif int(given) != expected:
-            encoder = (text.get("encoder") or {}).get("model", "?")
+            encoder = text.encoder.get("model", "?")
             raise ConfigError(
                 f"model.extra.{key}: {given} does not match the dataset's text features: data.url={url} was "
                 f"encoded with {encoder} (manifest text.{manifest_key} = {expected}); set model.extra.{key}: "
                 f"{expected} or remove it to take it from the manifest"
             )
-    if extra.get("max_text_length") is None and text.get("max_length"):
-        extra["max_text_length"] = int(text["max_length"])
-    shape = manifest.get("shape")
+    if extra.get("max_text_length") is None and text.max_length:
+        extra["max_text_length"] = int(text.max_length)
+    shape = manifest.shape
     if shape and len(shape) == 3:
         for field_name, value, expected in (("in_channels", model.in_channels, shape[0]),
                                             ("input_size", model.input_size, shape[1])):

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from deepflow.artifacts import Manifest
 from deepflow.platform.train.config import RunConfig, storage_options_for
 from deepflow.platform.train.distributed import DistContext
 from deepflow.platform.train.tb_logging import TrainLogger
@@ -53,12 +54,13 @@ class Evaluator:
     """Periodic evaluation of one run (see module doc)."""
 
     def __init__(
-        self, cfg: RunConfig, ctx: DistContext, logger: TrainLogger, manifest: dict[str, Any] | None = None
+        self, cfg: RunConfig, ctx: DistContext, logger: TrainLogger, manifest: Manifest | None = None
     ) -> None:
         self.cfg = cfg
         self.ctx = ctx
         self.logger = logger
-        self.manifest = manifest or {}
+        self.manifest = manifest
+        self.is_latent = manifest is not None and manifest.kind == "vae"
         self.active = ctx.is_main or cfg.eval.all_ranks
         self.model: torch.nn.Module | None = None
         self.extractor: Any = None
@@ -86,7 +88,7 @@ class Evaluator:
             offset, count = self._share()
             self.prompt_offset = offset  # this rank's prompts only (float16 embeddings as stored)
             self.prompts = dataset_prompts(cfg.data.url, max(count, 1), storage, start=offset)
-            self.null_text = read_null_text(cfg.data.url, storage, self.manifest or None)
+            self.null_text = read_null_text(cfg.data.url, storage, manifest.to_json() if manifest else None)
             if cfg.eval.clip_model:
                 from deepflow.platform.eval.clip_score import ClipScorer
 
@@ -101,7 +103,7 @@ class Evaluator:
     # ------------------------------------------------------------------------------------------- decode
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
         """Model-space samples [B,C,H,W] -> uint8 images."""
-        if self.manifest.get("kind", "pixel") != "vae":
+        if not self.is_latent:
             return to_uint8(x)
         if self.vae is None:
             if not self.cfg.eval.vae:
@@ -109,7 +111,7 @@ class Evaluator:
             from diffusers import AutoencoderKL
 
             self.vae = AutoencoderKL.from_pretrained(self.cfg.eval.vae).to(self.ctx.device).eval()
-        scale = float(self.manifest.get("latent_scale") or 0.18215)
+        scale = float(self.manifest.latent_scale or 0.18215) if self.manifest else 0.18215
         with torch.no_grad():
             images = self.vae.decode(x.to(self.ctx.device) / scale).sample
         return to_uint8(images)
@@ -144,7 +146,7 @@ class Evaluator:
     def _data_images(self, count: int) -> torch.Tensor:
         from deepflow.data_pipeline.loader import ShardLoader
 
-        if self.manifest.get("kind") == "vae":
+        if self.is_latent:
             raise ValueError("eval.reference=data needs a pixel dataset; give an npz of reference images/statistics")
         loader = ShardLoader(
             self.cfg.data.url, batch_size=min(count, 256), rank=0, world_size=1, num_workers=0,

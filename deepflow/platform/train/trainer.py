@@ -421,7 +421,7 @@ class Trainer:
                     "step": self.step,
                     "ema": self.ema is not None,
                     "ema_decay": self.cfg.ema.decay,
-                    "manifest": getattr(self.loader, "manifest", None),
+                    "manifest": self.loader.manifest.to_json(),
                     "data_url": self.cfg.data.url,
                 },
                 self.cfg.output_storage_options(),
