@@ -14,7 +14,6 @@ the main process, shard serialisation + upload in a background thread, so the en
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +31,7 @@ from .manifest import MANIFEST_NAME, NULL_TEXT_NAME, ChannelStats, done_marker_n
 from .preprocess import encode_image_bytes, preprocess_image
 from .shards import Block, build_shard, record_name, sha256_hex, shard_name
 from .sources import CorruptImageError, Source, build_source
+from deepflow.ranks import read_dist_env
 from deepflow.storage import Storage
 from .text_encoders import build_text_encoder
 
@@ -50,18 +50,10 @@ class RankInfo:
 def resolve_rank(config: PrecomputeConfig, rank: int | None = None, world_size: int | None = None,
                  environ: dict[str, str] | None = None) -> RankInfo:
     """Rank and world size: explicit arguments, else torchrun's env, else a Kubernetes indexed job."""
-    env = os.environ if environ is None else environ
-    local_rank = int(env.get("LOCAL_RANK", "0"))
+    launch = read_dist_env(environ=environ, slices=config.slices)
+    local_rank = launch.local_rank
     if rank is None and world_size is None:
-        if "RANK" in env and "WORLD_SIZE" in env:
-            rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-        elif "JOB_COMPLETION_INDEX" in env:
-            if config.slices is None:
-                raise ValueError("slices: JOB_COMPLETION_INDEX is set (Kubernetes indexed job) but the config "
-                                 "does not say how many slices (pods) there are; set slices to the job's completions")
-            rank, world_size = int(env["JOB_COMPLETION_INDEX"]), config.slices
-        else:
-            rank, world_size = 0, 1
+        rank, world_size = launch.rank, launch.world_size
     rank = 0 if rank is None else rank
     world_size = 1 if world_size is None else world_size
     if not 0 <= rank < world_size:

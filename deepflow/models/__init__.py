@@ -2,6 +2,6 @@
 
 from deepflow.models.dit import BranchOutputs, DeepFlowDiT
 from deepflow.models.mmdit import DeepFlowMMDiT
-from deepflow.models.registry import create_model, list_models
+from deepflow.models.registry import ModelSpec, create_model, list_models, model_spec
 
-__all__ = ["BranchOutputs", "DeepFlowDiT", "DeepFlowMMDiT", "create_model", "list_models"]
+__all__ = ["BranchOutputs", "DeepFlowDiT", "DeepFlowMMDiT", "ModelSpec", "create_model", "list_models", "model_spec"]

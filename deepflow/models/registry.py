@@ -7,15 +7,17 @@ and "MMDiT-{depth}", "DeepFlow-MMDiT-{depth}-{k}T" (text-to-image; hidden 32 x d
 
 from __future__ import annotations
 
+import difflib
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from deepflow.models.dit import DeepFlowDiT
 from deepflow.models.mmdit import DeepFlowMMDiT
 
 __all__ = [
-    "create_model", "create_mmdit", "list_models", "parse_model_name", "parse_mmdit_name", "even_key_layers", "SIZES",
-    "MMDIT_HIDDEN_PER_LAYER",
+    "create_model", "create_mmdit", "list_models", "model_spec", "ModelSpec", "parse_model_name", "parse_mmdit_name",
+    "even_key_layers", "SIZES", "MMDIT_HIDDEN_PER_LAYER",
 ]
 
 # size -> (hidden_size, num_heads, SiT depth)
@@ -130,6 +132,39 @@ def parse_mmdit_name(name: str) -> tuple[int, int] | None:
     if k not in BRANCH_COUNTS:
         raise ValueError(f"model name {name!r}: branch count {k} not in {BRANCH_COUNTS}")
     return depth, k
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the registry knows about a name before building it: the class, what it is conditioned on, its branch
+    count and depth, and the ``create_model`` overrides it accepts. Configs ask this instead of parsing names."""
+
+    name: str
+    model_class: type[DeepFlowDiT] | type[DeepFlowMMDiT]
+    condition: Literal["class", "text"]
+    num_branches: int
+    depth: int
+    depth_in_name: bool
+    accepted_overrides: frozenset[str]
+
+    @property
+    def takes_classes(self) -> bool:
+        return self.condition == "class"
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` of a registered name; ValueError naming the close matches for an unknown one."""
+    try:
+        parsed = parse_mmdit_name(name)
+        if parsed is not None:
+            depth, k = parsed
+            return ModelSpec(name, DeepFlowMMDiT, "text", k, depth, True, frozenset(_MMDIT_OVERRIDES))
+        size, _, k = parse_model_name(name)
+    except ValueError as error:
+        close = difflib.get_close_matches(str(name), list_models() + ["MMDiT-24", "DeepFlow-MMDiT-24-3T"], n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"{error}{hint}") from None
+    return ModelSpec(name, DeepFlowDiT, "class", k, default_depth(size, k), False, frozenset(_OVERRIDES))
 
 
 def create_mmdit(name: str, **overrides: Any) -> DeepFlowMMDiT:

@@ -11,6 +11,7 @@ created; :class:`ConfigError` carries one line per problem, each starting with t
 
 from __future__ import annotations
 
+import difflib
 import io
 import os
 from typing import Any, Literal
@@ -19,6 +20,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from deepflow.artifacts import Manifest
+from deepflow.models.registry import ModelSpec, model_spec
 from deepflow.configuration import ConfigError, ConfigSection, apply_overrides, load_validated, validate_tree
 from deepflow.storage import is_remote_url, write_url_text
 
@@ -68,32 +70,35 @@ class ModelSection(_Section):
     num_heads: int | None = Field(None, ge=1)
     extra: dict[str, Any] = Field(default_factory=dict, description="further create_model keyword overrides")
 
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        model_spec(name)  # ValueError naming the close matches
+        return name
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The registry's description of ``name`` (class, condition kind, branches, accepted overrides)."""
+        return model_spec(self.name)
+
     @property
     def is_text(self) -> bool:
         """True for text-conditioned (MMDiT) models, False for class-conditional DiT/SiT models."""
-        return "MMDiT" in self.name
-
-    def name_depth(self) -> int | None:
-        """The depth encoded in an MMDiT name ("DeepFlow-MMDiT-24-3T" -> 24); None for other names."""
-        from deepflow.models.registry import parse_mmdit_name
-
-        parsed = parse_mmdit_name(self.name)
-        return None if parsed is None else parsed[0]
+        return self.spec.condition == "text"
 
     def create_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``create_model(self.name, **kwargs)`` (only the ones that are set).
-
-        Text models get no ``num_classes`` and no ``depth`` (both are rejected by the MMDiT registry).
-        """
+        """Keyword arguments for ``create_model(self.name, **kwargs)`` (only the ones that are set and accepted:
+        text models take no ``num_classes``, names that fix the depth take no ``depth``)."""
+        spec = self.spec
         kwargs: dict[str, Any] = {
             "input_size": self.input_size,
             "in_channels": self.in_channels,
             "ssl_align": self.ssl_align,
             "class_dropout": self.class_dropout,
         }
-        if not self.is_text:
+        if spec.takes_classes:
             kwargs["num_classes"] = self.num_classes
-        keys = ("hidden_size", "num_heads") if self.is_text else ("depth", "hidden_size", "num_heads")
+        keys = ("hidden_size", "num_heads") if spec.depth_in_name else ("depth", "hidden_size", "num_heads")
         for key in keys:
             value = getattr(self, key)
             if value is not None:
@@ -280,6 +285,7 @@ class RunConfig(_Section):
             raise ValueError("precision: fp16 is not supported with distributed.engine=fsdp; use bf16")
         if self.model.ssl_align and self.objective.proj_weight == 0.0:
             raise ValueError("objective.proj_weight: must be > 0 when model.ssl_align is true")
+        self._check_model_extra()
         if self.model.is_text:
             self._check_text_model()
         elif self.eval.clip_model is not None:
@@ -288,12 +294,21 @@ class RunConfig(_Section):
             )
         return self
 
+    def _check_model_extra(self) -> None:
+        """``model.extra`` keys must be overrides the model accepts (the named fields have their own keys)."""
+        spec = self.model.spec
+        named = {"depth", "input_size", "in_channels", "num_classes", "ssl_align", "class_dropout", "hidden_size",
+                 "num_heads"}
+        allowed = sorted(spec.accepted_overrides - named)
+        for key in self.model.extra:
+            if key not in spec.accepted_overrides and key not in ("num_classes", "depth", "text_dropout"):
+                close = difflib.get_close_matches(key, allowed, n=2)
+                hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+                raise ValueError(f"model.extra.{key}: not an option of {self.model.name}{hint}; allowed: {allowed}")
+
     def _check_text_model(self) -> None:
         model = self.model
-        try:
-            depth = model.name_depth()
-        except ValueError as error:
-            raise ValueError(f"model.name: {error}") from None
+        depth = model.spec.depth
         if model.depth is not None and model.depth != depth:
             raise ValueError(
                 f"model.depth: {model.depth} contradicts model.name={model.name} (depth {depth}); the depth of an "

@@ -1,12 +1,7 @@
 """Process groups, devices and seeds.
 
-The launch environment is read once into a :class:`DistEnv`:
-
-* torchrun / ``torch.distributed.run``: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
-* the DeepSpeed launcher: the same variables (it also passes ``--local_rank=N`` on the command line);
-* Kubernetes indexed Jobs: MASTER_ADDR, WORLD_SIZE, NPROC_PER_NODE (processes per pod, default 1) and the pod's
-  index in JOB_COMPLETION_INDEX as node rank, so RANK = node_rank * NPROC_PER_NODE + LOCAL_RANK;
-* nothing set: a single process (world size 1) that needs no process group at all.
+The launch environment is read once into a :class:`deepflow.ranks.DistEnv` (torchrun, the DeepSpeed launcher,
+Kubernetes Indexed Jobs, or a single process that needs no process group at all).
 """
 
 from __future__ import annotations
@@ -20,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from deepflow.ranks import DistEnv, read_dist_env
+
 __all__ = [
     "DistEnv",
     "DistContext",
@@ -30,18 +27,6 @@ __all__ = [
     "step_seed",
     "step_generator",
 ]
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits in the job, as read from the environment."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-    source: str  # "single" | "torchrun" | "kubernetes"
 
 
 @dataclass
@@ -65,39 +50,6 @@ class DistContext:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
-
-
-def _int_env(name: str, default: int | None = None) -> int | None:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def read_dist_env(local_rank_arg: int | None = None) -> DistEnv:
-    """Read rank/world size from torchrun, DeepSpeed-launcher or Kubernetes variables (see module doc)."""
-    world_size = _int_env("WORLD_SIZE", 1) or 1
-    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    port = _int_env("MASTER_PORT", 29500) or 29500
-    rank = _int_env("RANK")
-    local_rank = _int_env("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else None)
-    if rank is not None:
-        source = "torchrun" if world_size > 1 else "single"
-        return DistEnv(rank, world_size, local_rank if local_rank is not None else 0, addr, port, source)
-    node_rank = _int_env("JOB_COMPLETION_INDEX")
-    if node_rank is not None and world_size > 1:
-        per_node = _int_env("NPROC_PER_NODE", 1) or 1
-        local = local_rank if local_rank is not None else 0
-        return DistEnv(node_rank * per_node + local, world_size, local, addr, port, "kubernetes")
-    if world_size > 1:
-        raise ValueError(
-            f"WORLD_SIZE={world_size} but neither RANK nor JOB_COMPLETION_INDEX is set: cannot tell this "
-            "process's rank (launch with torchrun, the deepspeed launcher or a Kubernetes indexed Job)"
-        )
-    return DistEnv(0, 1, local_rank or 0, addr, port, "single")
 
 
 def _pick_device(local_rank: int) -> torch.device:
