@@ -1,7 +1,7 @@
 """The one config system of every job: a YAML file (local path or any storage URL) + dotted ``--set a.b=v``
 overrides, validated by a pydantic model whose sections forbid unknown keys.
 
-Override values are parsed as YAML scalars (``2e-4`` -> float, ``true`` -> bool, ``[1, 2]`` -> list, ``null`` ->
+A path may index lists (``extractors.0.options.dataset=digits``). Override values are parsed as YAML scalars (``2e-4`` -> float, ``true`` -> bool, ``[1, 2]`` -> list, ``null`` ->
 None; an empty value is the empty string); missing sections are created. Every problem becomes a
 :class:`ConfigError` whose message has one ``field.path: what is wrong`` line per problem.
 
@@ -64,13 +64,29 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r}: empty field path")
     node: Any = tree
     for depth, key in enumerate(keys[:-1]):
-        child = node.get(key)
+        child = _child(node, key, ".".join(keys[: depth + 1]))
         if child is None:
             child = node[key] = {}
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"{'.'.join(keys[: depth + 1])}: is not a section, cannot set {dotted.strip()}")
         node = child
-    node[keys[-1]] = parse_value(raw_value)
+    if isinstance(node, list):
+        node[_list_index(node, keys[-1], dotted.strip())] = parse_value(raw_value)
+    else:
+        node[keys[-1]] = parse_value(raw_value)
+
+
+def _list_index(items: list[Any], key: str, path: str) -> int:
+    if not key.isdigit() or int(key) >= len(items):
+        raise ConfigError(f"{path}: {key!r} is not an index of the list (0..{len(items) - 1})")
+    return int(key)
+
+
+def _child(node: dict[str, Any] | list[Any], key: str, path: str) -> Any:
+    """``node[key]`` for a section (None when absent) or a list (``key`` an index: ``extractors.0.kind``)."""
+    if isinstance(node, list):
+        return node[_list_index(node, key, path)]
+    return node.get(key)
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:

@@ -206,9 +206,11 @@ def is_remote_url(url: str) -> bool:
 
 
 def join_url(base: str, name: str) -> str:
-    """``base`` directory URL joined with a relative object name."""
+    """``base`` directory URL joined with a relative object name (an empty ``base``: the name itself)."""
     if not name:
         return base
+    if not base:
+        return name
     return base.rstrip("/") + "/" + name.lstrip("/")
 
 

@@ -129,11 +129,10 @@ def test_two_rank_training_sampling_and_evaluation(emoji_on_s3: str, s3_server, 
         "--step", str(STEPS), "--batch-size", "4", "--fd-method", "eigh",
     ]
     with pytest.warns(UserWarning, match="RANDOM"):
-        results = _load_job("evaluate").main(argv)
+        assert _load_job("evaluate").main(argv) == 0
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert written["num_samples"] == 4 and math.isfinite(written["fid"]) and written["fid"] > 0
     assert 0.0 <= written["clip_score"] <= 100.0 and written["captions"].endswith("captions.txt")
-    assert written["clip_score"] == pytest.approx(results["clip_score"])
     eval_tb = EventAccumulator(str(tmp_path / "eval-tb"))
     eval_tb.Reload()
     assert {"eval/fid", "eval/clip_score"} <= set(eval_tb.Tags()["scalars"])
