@@ -6,6 +6,8 @@ user names a hub id and the machine is online.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,6 +41,8 @@ class DinoV2Extractor(nn.Module):
         super().__init__()
         from transformers import Dinov2Model
 
+        if model.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(model)):
+            raise FileNotFoundError(f"{model}: no such DINOv2 directory (give a save_pretrained folder or a hub id)")
         self.net = Dinov2Model.from_pretrained(model)
         self.image_size = image_size
         self.dim = int(self.net.config.hidden_size)

@@ -22,12 +22,13 @@ import os
 import warnings
 from dataclasses import dataclass
 
-import fsspec
 import torch
 import torch.nn.functional as F
 import torchvision
 from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
 from torch import Tensor, nn
+
+from deepflow.storage import read_url_bytes, url_exists, write_url_bytes
 
 log = logging.getLogger(__name__)
 
@@ -91,28 +92,39 @@ def build_fid_inception_network() -> nn.Module:
 
 
 def load_state_dict_from_location(location: str, cache_dir: str | None = None) -> dict[str, Tensor]:
-    """Read a state dict from a local path or any fsspec URL (http(s)://, s3://, gs://, file://).
+    """Read a state dict from a local path or any storage URL (s3://, gs://, file://, http(s)://, memory://).
 
-    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``.
-    http(s) URLs are cached under ``cache_dir`` (default ``$TORCH_HOME/hub/checkpoints``) by torch.hub.
+    Bytes are read through :mod:`deepflow.storage` (its retry policy); ``.safetensors`` files are parsed with
+    safetensors, anything else with ``torch.load(weights_only=True)`` (never unpickling arbitrary objects).
+    http(s) downloads are cached under ``cache_dir`` (default ``$TORCH_HOME/hub/checkpoints``, where torch.hub keeps
+    them) and read from there afterwards.
     """
-    if location.startswith(("http://", "https://")) and not location.endswith(".safetensors"):
-        return torch.hub.load_state_dict_from_url(
-            location, model_dir=cache_dir, map_location="cpu", progress=True, weights_only=True
-        )
-    local = location[len("file://"):] if location.startswith("file://") else location
-    if "://" not in local and not os.path.exists(local):
-        raise FileNotFoundError(f"Inception weights not found: {location!r} (give a local path or a URL)")
-    with fsspec.open(location, "rb") as handle:
-        payload = handle.read()
+    payload = _read_weights(location, cache_dir)
     if location.endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
 
         return load_safetensors(payload)
-    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - unpickling errors of many types: one message naming the file
+        raise ValueError(f"{location}: not a torch weights file ({type(error).__name__}: {error})") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{location!r} does not hold a state dict (got {type(state).__name__})")
+        raise ValueError(f"{location}: does not hold a state dict (got {type(state).__name__})")
     return state
+
+
+def _read_weights(location: str, cache_dir: str | None) -> bytes:
+    """The bytes of ``location``; http(s) objects go through a local cache file (written atomically)."""
+    if not location.startswith(("http://", "https://")):
+        return read_url_bytes(location)
+    folder = cache_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
+    cached = os.path.join(folder, location.rstrip("/").rsplit("/", 1)[-1])
+    if url_exists(cached):
+        return read_url_bytes(cached)
+    log.info("downloading %s to %s", location, cached)
+    payload = read_url_bytes(location)
+    write_url_bytes(cached, payload)
+    return payload
 
 
 class FIDInceptionExtractor(nn.Module):

@@ -1,4 +1,4 @@
-"""Sample-quality metrics of the ADM protocol and a registry of feature extractors.
+"""Sample-quality metrics of the ADM protocol: Frechet distance, Inception Score, precision / recall.
 
 Math (numpy / torch, no network):
 - ``feature_statistics(feats [N, D]) -> (mu [D], sigma [D, D])`` (float64, unbiased covariance as ``np.cov``);

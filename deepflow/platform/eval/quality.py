@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from deepflow.platform.eval.metrics import feature_statistics, frechet_distance
+from deepflow.storage import join_url, read_url_bytes, url_exists, write_url_bytes
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +170,7 @@ class ClassifierQuality:
         reference_images: np.ndarray,
         batch_size: int = 500,
         unseen_real: tuple[np.ndarray, np.ndarray] | None = None,
+        reference_id: str | None = None,
     ) -> None:
         self.classifier = classifier.eval()
         self.channels = classifier.conv[0].in_channels
@@ -175,29 +178,51 @@ class ClassifierQuality:
         self.sha256 = _weights_sha256(classifier)
         self.name = "classifier"
         self.dim = classifier.head.in_features
+        self.num_classes = classifier.head.out_features
         #: held-out real images [M, H, W] + labels NOT in the reference statistics: the "real data" baseline
         self.unseen_real = unseen_real
         ref = self(reference_images)
-        self.reference_stats = feature_statistics(ref.numpy())
+        #: (mu [dim], sigma [dim, dim]) float64 of the reference images' features (extractors.SelfReferencedExtractor)
+        self.reference_stats = feature_statistics(ref.cpu().numpy())
+        self.reference_id = reference_id or (
+            f"{len(reference_images)} held-out real images, classifier sha256 {self.sha256[:16]}"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the classifier's weights are."""
+        return next(self.classifier.parameters()).device
+
+    def to(self, device: str | torch.device) -> "ClassifierQuality":
+        """Move the classifier to ``device`` (features are then computed there); returns ``self``."""
+        self.classifier.to(device)
+        return self
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 images [B, C, H, W] -> penultimate features [B, 128] (an extractors.FeatureExtractor)."""
+        """uint8 images [B, C, H, W] (or [B, H, W]) -> penultimate features [B, dim] float32 on :attr:`device`."""
+        device = self.device
         feats = []
         for start in range(0, len(images), self.batch_size):
             x = _to_input(images[start : start + self.batch_size], self.channels, self.classifier.image_size)
-            feats.append(self.classifier.features(x))
+            feats.append(self.classifier.features(x.to(device)))
         return torch.cat(feats)
 
     @torch.no_grad()
     def class_accuracy(self, features: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
-        """Accuracy of the classifier head on features [N, 128] (from ``__call__``) against requested labels [N]."""
-        logits = self.classifier.head(torch.as_tensor(np.asarray(features), dtype=torch.float32))
-        return float((logits.argmax(dim=1) == torch.as_tensor(np.asarray(labels), dtype=torch.long)).float().mean())
+        """Accuracy of the classifier head on features [N, dim] (from ``__call__``) against requested labels [N]."""
+        device = self.device
+        feats = torch.as_tensor(np.asarray(features.cpu() if isinstance(features, torch.Tensor) else features),
+                                dtype=torch.float32, device=device)
+        wanted = torch.as_tensor(np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels),
+                                 dtype=torch.long, device=device)
+        if feats.shape[0] != wanted.shape[0]:
+            raise ValueError(f"class accuracy: {wanted.shape[0]} labels for {feats.shape[0]} feature rows")
+        return float((self.classifier.head(feats).argmax(dim=1) == wanted).float().mean())
 
     def score(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> dict[str, float | str]:
         """uint8 samples [N, C, H, W] with requested labels [N] -> {"fd", "accuracy", "classifier_sha256"}."""
-        feats = self(images)
+        feats = self(images).cpu()
         mu, sigma = feature_statistics(feats.numpy())
         return {
             "fd": float(frechet_distance(mu, sigma, *self.reference_stats)),
@@ -223,22 +248,32 @@ class ClassifierQuality:
         num_reference = num_reference or len(test_x) // 2
         unseen = (test_x[num_reference:], test_y[num_reference:])
         key = recipe.cache_key()
-        packaged = ASSETS / f"classifier-{key}.safetensors"
-        path = packaged if packaged.exists() else Path(cache_dir or default_cache_dir()) / f"classifier-{key}.safetensors"
         channels = 1 if test_x.ndim == 3 else test_x.shape[1]
-        model = SmallClassifier(channels, num_classes, recipe.image_size)
-        if path.exists():
-            model.load_state_dict(load_file(str(path)))
-            expected = PACKAGED_SHA256.get(key)
-            if expected is not None and _weights_sha256(model) != expected:
-                raise ValueError(f"{path}: classifier weights do not match the recorded SHA-256 {expected[:12]}...")
-        else:
-            log.info("training the %s quality classifier (seed %d), cached at %s", dataset, seed, path)
-            train_x, train_y, _ = load_labelled_split(dataset, "train", recipe.pad, recipe.resize_to)
-            model = train_classifier(train_x, train_y, num_classes, recipe)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file(model.state_dict(), str(tmp))
-            os.replace(tmp, path)
-        return cls(model.eval(), test_x[:num_reference], unseen_real=unseen)
+        model = _load_or_train(key, recipe, channels, num_classes, cache_dir)
+        reference_id = (f"{dataset} held-out split ({num_reference} images), classifier seed {seed} "
+                        f"sha256 {_weights_sha256(model)[:16]}")
+        return cls(model.eval(), test_x[:num_reference], unseen_real=unseen, reference_id=reference_id)
 
+
+def _load_or_train(
+    key: str, recipe: ClassifierRecipe, channels: int, num_classes: int, cache_dir: str | Path | None
+) -> SmallClassifier:
+    """The classifier of ``recipe``: the packaged weights, else the cached ones (``cache_dir``: a local folder or any
+    storage URL), else trained now and written there atomically (all through deepflow.storage)."""
+    from deepflow.platform.eval.quality_data import load_labelled_split
+
+    packaged = ASSETS / f"classifier-{key}.safetensors"
+    name = f"classifier-{key}.safetensors"
+    url = str(packaged) if packaged.exists() else join_url(str(cache_dir or default_cache_dir()), name)
+    model = SmallClassifier(channels, num_classes, recipe.image_size)
+    if url_exists(url):
+        model.load_state_dict(load_safetensors(read_url_bytes(url)))
+        expected = PACKAGED_SHA256.get(key)
+        if expected is not None and _weights_sha256(model) != expected:
+            raise ValueError(f"{url}: classifier weights do not match the recorded SHA-256 {expected[:12]}...")
+        return model.eval()
+    log.info("training the %s quality classifier (seed %d), cached at %s", recipe.dataset, recipe.seed, url)
+    train_x, train_y, _ = load_labelled_split(recipe.dataset, "train", recipe.pad, recipe.resize_to)
+    model = train_classifier(train_x, train_y, num_classes, recipe)
+    write_url_bytes(url, save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}))
+    return model.eval()

@@ -96,3 +96,41 @@ def test_load_clip_from_a_local_checkpoint(tmp_path, tiny_clip):
     assert clip_score(images, ["a", "b"], loaded, tokenizer) == pytest.approx(
         clip_score(images, ["a", "b"], model, tokenizer), abs=1e-4
     )
+
+
+def test_read_captions_from_storage(tmp_path):
+    from deepflow.platform.eval.clip_score import read_captions
+    from deepflow.storage import write_url_text
+
+    write_url_text("memory://captions-test/c.txt", "red apple\n\nblue heart\n")
+    assert read_captions("memory://captions-test/c.txt") == ["red apple", "blue heart"]
+    (tmp_path / "c.json").write_text(json.dumps({"captions": ["rocket"]}))
+    assert read_captions(str(tmp_path / "c.json")) == ["rocket"]
+    (tmp_path / "bad.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="list of caption strings"):
+        read_captions(str(tmp_path / "bad.json"))
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="no captions"):
+        read_captions(str(tmp_path / "empty.txt"))
+
+
+def test_job_clip_score_alone_with_the_captions_beside_the_samples(capsys):
+    """CLIP score needs no extractor and no reference: captions.txt beside samples.npz (as jobs/sample.py writes)."""
+    import io
+
+    from deepflow.platform.eval import job
+    from deepflow.storage import read_url_json, write_url_bytes, write_url_text
+
+    buffer = io.BytesIO()
+    np.savez(buffer, arr_0=np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8),
+             arr_1=np.full(3, -1))
+    write_url_bytes("memory://clip-job/run/samples.npz", buffer.getvalue())
+    write_url_text("memory://clip-job/run/captions.txt", "a cat\na dog\na bird\n")
+    argv = ["--samples", "memory://clip-job/run/samples.npz", "--clip-model", "ViT-B-32",
+            "--clip-model-kwargs", json.dumps(TINY_CLIP), "--out", "memory://clip-job/eval.json", "--no-progress",
+            "--batch-size", "2", "--device", "cpu"]
+    with pytest.warns(UserWarning, match="RANDOM"):
+        assert job.main(argv) == 0
+    results = read_url_json("memory://clip-job/eval.json")
+    assert 0.0 <= results["clip_score"] <= 100.0 and results["captions"] == "memory://clip-job/run/captions.txt"
+    assert results["clip_pretrained"] == "RANDOM (tests only)" and "num_samples" not in results

@@ -225,11 +225,39 @@ def test_register_extractor_hook() -> None:
         def __call__(self, images: torch.Tensor) -> torch.Tensor:
             return images.float().mean(dim=(2, 3))
 
+        def to(self, device: str | torch.device) -> "MeanColour":
+            return self
+
     register_extractor("test_mean_colour", lambda **_: MeanColour(), overwrite=True)
     assert "test_mean_colour" in extractors.available_extractors()
-    extractor = build_extractor("test_mean_colour")
+    extractor = build_extractor("test_mean_colour", device="cpu")
     assert isinstance(extractor, extractors.FeatureExtractor)
     with pytest.raises(ValueError, match="already registered"):
         register_extractor("test_mean_colour", lambda **_: MeanColour())
     with pytest.raises(ValueError, match="unknown feature extractor 'nope'"):
         build_extractor("nope")
+
+
+def test_inception_weights_load_through_storage_urls(inception: FIDInceptionExtractor) -> None:
+    """Any storage URL (memory:// here) in the torch or safetensors format; anything else is refused clearly."""
+    import io
+
+    from safetensors.torch import save as save_safetensors
+
+    from deepflow.platform.eval.inception import load_state_dict_from_location
+    from deepflow.storage import write_url_bytes
+
+    state = {k: v.contiguous() for k, v in inception.net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_url_bytes("memory://inception-weights/pt_inception.pth", buffer.getvalue())
+    write_url_bytes("memory://inception-weights/inception.safetensors", save_safetensors(state))
+    for url in ("memory://inception-weights/pt_inception.pth", "memory://inception-weights/inception.safetensors"):
+        loaded = load_state_dict_from_location(url)
+        assert loaded.keys() == state.keys()
+        torch.testing.assert_close(loaded["fc.weight"], state["fc.weight"])
+    write_url_bytes("memory://inception-weights/junk.pth", b"not a pickle")
+    with pytest.raises(ValueError, match="junk.pth: not a torch weights file"):
+        load_state_dict_from_location("memory://inception-weights/junk.pth")
+    with pytest.raises(FileNotFoundError):
+        load_state_dict_from_location("memory://inception-weights/missing.pth")

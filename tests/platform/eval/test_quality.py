@@ -11,8 +11,9 @@ from deepflow.platform.eval.quality_data import load_labelled_split
 
 
 @pytest.fixture(scope="module")
-def digits_quality(tmp_path_factory: pytest.TempPathFactory) -> ClassifierQuality:
-    return ClassifierQuality.for_dataset("digits", cache_dir=tmp_path_factory.mktemp("cache"), num_reference=150)
+def digits_quality(digits_cache) -> ClassifierQuality:
+    """The digits classifier trained once per session (conftest.digits_cache), 150 reference images."""
+    return ClassifierQuality.for_dataset("digits", cache_dir=digits_cache, num_reference=150)
 
 
 def _blur(images: np.ndarray) -> torch.Tensor:
@@ -58,3 +59,11 @@ def test_extractor_interface_and_errors(digits_quality: ClassifierQuality) -> No
         digits_quality(torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match="no quality classifier recipe"):
         ClassifierQuality.for_dataset("cifar10")
+
+
+def test_to_moves_the_classifier_and_features_follow(digits_quality: ClassifierQuality) -> None:
+    assert digits_quality.to("cpu") is digits_quality and digits_quality.device == torch.device("cpu")
+    images, labels, _ = load_labelled_split("digits", "test")
+    feats = digits_quality(images[:8, None])
+    assert feats.device == digits_quality.device and feats.shape == (8, digits_quality.dim)
+    assert digits_quality.class_accuracy(feats, labels[:8]) == digits_quality.class_accuracy(feats.numpy(), labels[:8])
