@@ -31,7 +31,7 @@ from deepflow.data_pipeline.loader import ShardLoader  # noqa: E402
 from deepflow.models import create_model  # noqa: E402
 from deepflow.models.flow import FlowObjective  # noqa: E402
 from deepflow.models.sampling import sample  # noqa: E402
-from deepflow.platform.train.periodic_eval import to_uint8  # noqa: E402
+from deepflow.platform.inference.generate import to_uint8  # noqa: E402
 from deepflow.platform.eval.quality import ClassifierQuality  # noqa: E402
 
 

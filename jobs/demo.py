@@ -76,37 +76,34 @@ def train(config_path: str, run_dir: Path, data_dir: Path, overrides: list[str])
 
 
 def final_samples(run_dir: Path, quality: "ClassifierQuality", num_samples: int, seed: int) -> dict:
-    """Class-conditional samples from the exported EMA weights: a labelled grid PNG and the quality figures."""
+    """Class-conditional samples from the exported EMA weights through the platform's one generate path (the one
+    ``jobs/sample.py`` and the periodic evaluation use): a labelled grid PNG and the quality figures."""
     import numpy as np
     import torch
     from torchvision.utils import save_image
 
-    from deepflow.models.sampling import sample
-    from deepflow.platform.train.periodic_eval import to_uint8
-    from deepflow.platform.inference.batch_sampling import build_sampling_model, resolve_weights
+    from deepflow.artifacts import load_weights
+    from deepflow.platform.inference.conditions import ClassPlan, label_plan
+    from deepflow.platform.inference.generate import Decoder, DecodeSpec, SamplerConfig, build_model, generate
 
-    state, meta = resolve_weights(str(run_dir / "export"))
-    model = build_sampling_model(state, meta, torch.device("cpu"))
+    state, card = load_weights(str(run_dir / "export"))
+    model = build_model(state, card, torch.device("cpu"))
     classes = model.num_classes
-    labels = torch.arange(num_samples) % classes
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(num_samples, model.in_channels, model.input_size, model.input_size, generator=generator)
-    images = []
-    with torch.no_grad():
-        for start in range(0, num_samples, 250):
-            part = slice(start, start + 250)
-            images.append(sample(model, noise[part], labels[part], method="euler", steps=20, cfg_scale=2.0,
-                                 generator=generator))
-    x = torch.cat(images).clamp(-1, 1)
-    uint8 = to_uint8(x)
+    plan = ClassPlan(label_plan("cyclic", num_samples, classes, seed), classes)
+    decoder = Decoder(DecodeSpec.resolve("auto", card=card, in_channels=model.in_channels))
+    sampler = SamplerConfig(method="euler", steps=20, cfg_scale=2.0)
+    batches = [np.arange(start, min(start + 250, num_samples)) for start in range(0, num_samples, 250)]
+    uint8 = torch.cat([generate(model, plan, indices, seed=seed, sampler=sampler, decoder=decoder)
+                       for indices in batches])
+    labels = torch.from_numpy(plan.labels)
     scores = quality.score(uint8, labels)
 
     # Grid: one row per class, 10 samples each (rows in class order).
     per_class = 10
-    rows = [x[labels == c][:per_class] for c in range(classes)]
+    rows = [uint8[labels == c][:per_class] for c in range(classes)]
     grid_path = run_dir / "samples" / "final_grid.png"
     grid_path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.cat(rows), grid_path, nrow=per_class, normalize=True, value_range=(-1, 1), padding=1)
+    save_image(torch.cat(rows).float() / 255.0, grid_path, nrow=per_class, padding=1)
     np.savez_compressed(run_dir / "samples" / "final_samples.npz", arr_0=uint8.permute(0, 2, 3, 1).numpy(),
                         labels=labels.numpy())
     return {**scores, "grid": str(grid_path), "num_samples": num_samples}

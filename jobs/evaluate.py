@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from deepflow.platform.eval.job import main  # noqa: E402
+from deepflow.platform.eval.job import build_parser, main  # noqa: E402,F401 - build_parser: k8s tests
 
 if __name__ == "__main__":
     sys.exit(main())

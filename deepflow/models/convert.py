@@ -1,16 +1,14 @@
 """Import of the reference implementation's checkpoints (ByteDance-Seed/DeepFlow key layout) and export back.
 
-The mapping functions are pure (no I/O); only the CLI reads and writes files:
+The mapping functions are pure (no I/O); the command that reads a reference checkpoint and writes an export is
+``deepflow.platform.inference.convert``:
 
-    python -m deepflow.models.convert --reference ckpt.pt --name "DeepFlow-XL/2-3T" --out model.safetensors
+    python -m deepflow.platform.inference.convert --reference ckpt.pt --name "DeepFlow-XL/2-3T" --out converted/
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -204,45 +202,3 @@ def to_reference_state_dict(model: DeepFlowDiT) -> dict[str, torch.Tensor]:
     """Our model -> state dict in the reference layout (tensors detached, sharing storage)."""
     k = model.num_branches
     return {our_key_to_reference(key, k): t.detach() for key, t in model.state_dict().items()}
-
-
-def _load_checkpoint(path: str) -> Mapping[str, Any]:
-    """torch.load with weights_only=True; the reference ``args`` (argparse.Namespace) is allow-listed."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Convert a reference DeepFlow checkpoint to safetensors.")
-    parser.add_argument("--reference", required=True, help="reference checkpoint (.pt with ema/model/args)")
-    parser.add_argument("--name", required=True, help='architecture, e.g. "DeepFlow-XL/2-3T"')
-    parser.add_argument("--out", required=True, help="output .safetensors file")
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights to prefer")
-    parser.add_argument("--num-heads", type=int, default=None, help="override the size's head count")
-    parser.add_argument("--hidden-size", type=int, default=None, help="override the size's hidden width")
-    ns = parser.parse_args(argv)
-
-    from safetensors.torch import save_file
-
-    checkpoint = _load_checkpoint(ns.reference)
-    overrides = {key: value for key, value in (("num_heads", ns.num_heads), ("hidden_size", ns.hidden_size)) if value}
-    model = load_reference_state_dict(checkpoint, ns.name, prefer=ns.weights, **overrides)
-    tensors = {key: t.detach().contiguous() for key, t in model.state_dict().items()}
-    metadata = {
-        "name": ns.name,
-        "config": json.dumps(
-            dict(depth=model.depth, key_layers=model.key_layers, input_size=model.input_size,
-                 in_channels=model.in_channels, num_classes=model.num_classes, hidden_size=model.hidden_size,
-                 num_heads=model.num_heads, ssl_align=model.ssl_align, z_dim=model.z_dim,
-                 projector_dim=model.projector_dim, acc_widths=list(model.acc_widths))
-        ),
-        "source": ns.reference,
-    }
-    save_file(tensors, ns.out, metadata=metadata)
-    n = sum(t.numel() for t in tensors.values())
-    print(f"wrote {ns.out}: {ns.name} depth {model.depth} key layers {model.key_layers}, {n:,} parameters")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,6 @@
-"""Importer of reference checkpoints: key coverage, round trip, CLI, and equivalence with an independent
-re-implementation of the reference forward (written here from REFERENCE.md, plain torch ops, reference keys)."""
+"""Importer of reference checkpoints: key coverage, round trip, and equivalence with an independent
+re-implementation of the reference forward (written here from REFERENCE.md, plain torch ops, reference keys).
+The command that reads and writes files is tested in tests/platform/inference/test_convert_job.py."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from deepflow.models.convert import ReferenceCheckpointError, load_reference_state_dict, main, to_reference_state_dict
+from deepflow.models.convert import ReferenceCheckpointError, load_reference_state_dict, to_reference_state_dict
 
 H, HEADS, P, C, GRID, CLASSES, ACC, PROJ, Z = 32, 4, 2, 4, 4, 10, (24, 40, 24), 20, 12
 
@@ -240,18 +240,3 @@ def test_unknown_missing_and_mismatched_keys_are_listed():
         load_reference_state_dict({"ema": sd, "args": {"qk_norm": True}}, "DeepFlow-S/2-2T")
     with pytest.raises(ReferenceCheckpointError, match="shape mismatches"):
         load_reference_state_dict(sd, "DeepFlow-S/2-2T", hidden_size=H, num_heads=HEADS, acc_widths=(8, 8, 8))
-
-
-def test_cli_converts_a_pickled_checkpoint(tmp_path, capsys):
-    sd = make_reference_state_dict(2, 1, False)
-    ckpt = tmp_path / "ref.pt"
-    torch.save({"ema": sd, "model": sd, "steps": 7, "args": argparse.Namespace(depth=2, df_idxs=[1], qk_norm=False,
-                                                                                model="DeepFlow-S/2")}, ckpt)
-    out = tmp_path / "model.safetensors"
-    assert main(["--reference", str(ckpt), "--name", "DeepFlow-S/2-2T", "--out", str(out),
-                 "--num-heads", str(HEADS), "--hidden-size", str(H)]) == 0
-    assert "key layers [1, 2]" in capsys.readouterr().out
-    tensors = load_file(str(out))
-    assert torch.equal(tensors["velocity_heads.1.linear.weight"], sd["final_layer.1.linear.weight"])
-    assert torch.equal(tensors["vera_blocks.0.cross_attention.in_proj_weight"],
-                       sd["df_blocks.0.cross_attention.multihead_attn.in_proj_weight"])

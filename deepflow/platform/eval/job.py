@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from deepflow.artifacts import SampleSetLayout
+from deepflow.errors import one_line, report_user_errors
 from deepflow.configuration import ConfigError, flag_overrides, load_tree, load_validated
 from deepflow.platform.eval.config import RANDOM_INCEPTION, ClipSection, EvaluateConfig
 from deepflow.platform.eval.evaluator import (
@@ -62,7 +63,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
 BUILD_ERRORS: tuple[type[BaseException], ...] = (*USER_ERRORS, RuntimeError)
 
 
-class EvaluateError(Exception):
+class EvaluateError(ValueError):
     """A mistake in the inputs of a run; ``str(error)`` is ``<field or URL>: <what is wrong>``."""
 
 
@@ -164,15 +165,8 @@ def _json_flag(flag: str, text: str | None) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ errors
-MAX_ERROR_CHARS = 600
 #: the config's field paths: a message that starts with one of them already names its field
 FIELD_NAMES = (*EvaluateConfig.model_fields, *(f"clip.{name}" for name in ClipSection.model_fields), "extractors")
-
-
-def _one_line(message: str) -> str:
-    """``message`` on one line (lines joined with "; "), cut after :data:`MAX_ERROR_CHARS` characters."""
-    line = "; ".join(part.strip() for part in message.splitlines() if part.strip()) or "failed"
-    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
 
 
 @contextmanager
@@ -184,7 +178,7 @@ def _field(name: str, errors: tuple[type[BaseException], ...] = USER_ERRORS) -> 
     except EvaluateError:
         raise
     except errors as error:
-        message = _one_line(_describe(error))
+        message = one_line(_describe(error))
         if not any(message.startswith(f"{prefix}:") for prefix in FIELD_NAMES):
             message = f"{name}: {message}"
         raise EvaluateError(message) from error
@@ -317,16 +311,14 @@ def write_tensorboard(url: str, results: dict[str, Any], step: int, storage_opti
 # ------------------------------------------------------------------------------------------------ entry point
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the job; 0 on success, 2 (one ``error: ...`` line on stderr) for a mistake in the inputs."""
-    try:
+
+    def body() -> int:
         cfg = load_config(argv)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         run(cfg)
-    except (ConfigError, EvaluateError) as error:
-        if os.environ.get("DEEPFLOW_DEBUG") == "1":
-            raise
-        print(f"error: {_one_line(str(error))}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return report_user_errors(body)
 
 
 if __name__ == "__main__":

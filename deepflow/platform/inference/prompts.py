@@ -18,21 +18,22 @@ The null condition for classifier-free guidance is the empty caption's encoding 
 from __future__ import annotations
 
 import json
-import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 
+from deepflow.artifacts import Manifest, TextFeatures, read_manifest
+from deepflow.data_pipeline.loader import read_shards, split_dataset_url
 from deepflow.models.conditions import TEXT_KEYS
-
-log = logging.getLogger(__name__)
+from deepflow.storage import Storage, read_url_text
 
 __all__ = [
     "Prompts",
-    "read_manifest",
+    "dataset_manifest",
+    "encoder_null",
     "read_null_text",
     "dataset_prompts",
     "dataset_captions",
@@ -69,41 +70,35 @@ class Prompts:
         return Prompts([self.captions[int(i)] for i in rows], {k: v[rows] for k, v in self.cond.items()})
 
 
-def _storage(url: str, storage_options: dict[str, Any] | None) -> Any:
-    from deepflow.data_pipeline.loader import split_dataset_url
-    from deepflow.storage import Storage
-
-    return Storage(split_dataset_url(url)[0], storage_options)
+def dataset_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
+    """The typed manifest of a dataset URL (a folder, its ``manifest.json`` or a shard pattern)."""
+    return read_manifest(split_dataset_url(url)[0], storage_options)
 
 
-def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The committed ``manifest.json`` of a dataset directory URL."""
-    from deepflow.data_pipeline.manifest import MANIFEST_NAME
-
-    storage = _storage(url, storage_options)
-    try:
-        return storage.read_json(MANIFEST_NAME)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{storage.url_of(MANIFEST_NAME)}: no manifest (dataset not committed?)") from error
-
-
-def _text_section(manifest: dict[str, Any], url: str) -> dict[str, Any]:
-    text = manifest.get("text")
-    if not text:
+def _text_section(manifest: Manifest, url: str) -> TextFeatures:
+    if manifest.text is None:
         raise ValueError(f"{url}: not a caption dataset (manifest 'text' is null): no captions or text embeddings")
-    return text
+    return manifest.text
+
+
+def _float32(arrays: dict[str, np.ndarray]) -> TextCondition:
+    return {k: torch.from_numpy(v.astype(np.float32) if v.dtype.kind == "f" else v.copy()) for k, v in arrays.items()}
 
 
 def read_null_text(
-    url: str, storage_options: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None
+    url: str, storage_options: dict[str, Any] | None = None, manifest: Manifest | None = None
 ) -> TextCondition:
     """The empty caption's encoding: ``text_emb`` float32 [L,D], ``text_mask`` bool [L], ``text_pooled`` float32 [P]."""
     from safetensors.numpy import load
 
-    manifest = manifest if manifest is not None else read_manifest(url, storage_options)
+    manifest = manifest if manifest is not None else dataset_manifest(url, storage_options)
     text = _text_section(manifest, url)
-    arrays = load(_storage(url, storage_options).read_bytes(text["null"]))
-    return {k: torch.from_numpy(v.astype(np.float32) if v.dtype.kind == "f" else v.copy()) for k, v in arrays.items()}
+    return _float32(load(Storage(split_dataset_url(url)[0], storage_options).read_bytes(text.null)))
+
+
+def encoder_null(encoder: Any) -> TextCondition:
+    """The empty caption encoded by ``encoder`` (a data-pipeline text encoder), as :func:`read_null_text` gives it."""
+    return _float32(encoder.null())
 
 
 def dataset_prompts(
@@ -113,11 +108,9 @@ def dataset_prompts(
     shards in manifest order (n samples; a small dataset cycles) with its caption number ``caption_index`` (or its
     last one if it has fewer) and the stored embedding, kept in the stored float16 (convert with
     ``condition_to(..., dtype=torch.float32)``). Reads shards in order and stops once the range is covered."""
-    from deepflow.data_pipeline.loader import read_shards
-
     if count < 1 or start < 0:
         raise ValueError(f"dataset prompts: need count >= 1 and start >= 0, got count={count}, start={start}")
-    _text_section(read_manifest(url, storage_options), url)
+    _text_section(dataset_manifest(url, storage_options), url)
     captions: list[str] = []
     parts: dict[str, list[np.ndarray]] = {k: [] for k in TEXT_KEYS}
     stop = start + count
@@ -152,11 +145,9 @@ def dataset_captions(
 ) -> list[str]:
     """The caption strings of :func:`dataset_prompts` (same samples, same caption choice) without keeping any
     embedding: shards are streamed one at a time; cycles when the dataset is smaller than ``count``."""
-    from deepflow.data_pipeline.loader import read_shards
-
     if count < 1:
         raise ValueError(f"dataset captions: count must be >= 1, got {count}")
-    _text_section(read_manifest(url, storage_options), url)
+    _text_section(dataset_manifest(url, storage_options), url)
     captions: list[str] = []
     for name, block in read_shards(url, storage_options):
         if block.captions is None:
@@ -178,8 +169,7 @@ def normalize_caption(caption: str) -> str:
 def read_caption_file(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Captions from a file: ``.json`` (a list of strings, or {"captions": [...]}) or text (one caption per line,
     blank lines ignored)."""
-    with fsspec.open(url, "rb", **(storage_options or {})) as handle:
-        raw = handle.read().decode("utf-8")
+    raw = read_url_text(url, storage_options)
     if url.endswith(".json"):
         data = json.loads(raw)
         if isinstance(data, dict):
@@ -194,17 +184,17 @@ def read_caption_file(url: str, storage_options: dict[str, Any] | None = None) -
     return captions
 
 
-def text_encoder_config(manifest: dict[str, Any]) -> Any:
+def text_encoder_config(manifest: Manifest) -> Any:
     """The data pipeline's text-encoder config that reproduces the manifest's ``text.encoder`` description."""
     from deepflow.data_pipeline.config import OpenClipTextConfig, TransformersTextConfig
 
     text = _text_section(manifest, "dataset")
-    described = dict(text.get("encoder") or {})
+    described = dict(text.encoder)
     name = described.get("name")
     if name == "transformers":
         return TransformersTextConfig(
             kind="transformers", model=described["model"], revision=described.get("revision"),
-            max_length=int(described.get("max_length", text["max_length"])), pooling=described.get("pooling", "auto"),
+            max_length=int(described.get("max_length", text.max_length)), pooling=described.get("pooling", "auto"),
             dynamic_padding=bool(described.get("dynamic_padding", False)),
         )
     if name == "open_clip":
@@ -219,7 +209,7 @@ def text_encoder_config(manifest: dict[str, Any]) -> Any:
 
 
 def encode_prompts(
-    captions: Sequence[str], manifest: dict[str, Any], device: torch.device | str = "cpu", encoder: Any = None
+    captions: Sequence[str], manifest: Manifest, device: torch.device | str = "cpu", encoder: Any = None
 ) -> Prompts:
     """Encode ``captions`` with the dataset's text encoder (built from the manifest unless ``encoder`` is given);
     L is padded to the manifest's ``text.max_length`` as in training."""
@@ -230,12 +220,11 @@ def encode_prompts(
     if encoder is None:
         encoder = build_text_encoder(text_encoder_config(manifest), torch.device(device))
     arrays = encoder.encode(captions)
-    cond = {k: torch.from_numpy(arrays[k].astype(np.float32) if arrays[k].dtype.kind == "f" else arrays[k])
-            for k in TEXT_KEYS}
-    length, dim = int(text["max_length"]), int(text["dim"])
-    if tuple(cond["text_emb"].shape[1:]) != (length, dim) or cond["text_pooled"].shape[1] != int(text["pooled_dim"]):
+    cond = _float32({k: arrays[k] for k in TEXT_KEYS})
+    length, dim = text.max_length, text.dim
+    if tuple(cond["text_emb"].shape[1:]) != (length, dim) or cond["text_pooled"].shape[1] != text.pooled_dim:
         raise ValueError(
             f"re-encoded captions have text_emb {tuple(cond['text_emb'].shape[1:])} / text_pooled "
-            f"{cond['text_pooled'].shape[1]}, the dataset [{length}, {dim}] / {text['pooled_dim']}"
+            f"{cond['text_pooled'].shape[1]}, the dataset [{length}, {dim}] / {text.pooled_dim}"
         )
     return Prompts(captions, cond)

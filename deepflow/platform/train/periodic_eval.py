@@ -1,15 +1,17 @@
-"""In-training evaluation: a sample grid from the EMA weights (TensorBoard image + PNG) and a Frechet distance in
-the features of a configured extractor (``deepflow.platform.eval.extractors.build_extractor``); for text-to-image models
-also the CLIP score of the samples against their captions (``eval.clip_model``, open_clip).
+"""In-training evaluation: a sample grid from the EMA weights (TensorBoard image + PNG under
+``<output_dir>/samples``) and a Frechet distance in the features of a configured extractor
+(``deepflow.platform.eval.extractors.build_extractor``); for text-to-image models also the CLIP score of the samples
+against their captions (``eval.clip_model``, open_clip).
 
-Samples use a fixed noise/label draw (seeded by run.seed) so grids of successive evaluations are comparable;
-labels cycle through the classes. Text models are conditioned on the captions of the first ``eval.num_samples``
-samples of the training shards (manifest order, first caption of each, with its stored embedding; see
-``deepflow.platform.inference.prompts.dataset_prompts``), guided against the dataset's null text; the grid's captions go
-to TensorBoard as text. Pixel datasets map [-1, 1] -> uint8; latent datasets are decoded with the
-diffusers ``AutoencoderKL`` named by ``eval.vae`` (latents / manifest latent_scale). The reference statistics are
-read from ``eval.reference``: an ``.npz`` with ``mu``/``sigma``, an ``.npz`` of uint8 images (``arr_0``, NHWC or
-NCHW), or ``data``: the first ``reference_samples`` images of the training shards (pixel datasets).
+Samples come from the one generate path of ``deepflow.platform.inference.generate``: sample ``i`` is a function of
+(run.seed, i), so grids of successive evaluations are comparable and ``eval.all_ranks`` does not change them. The
+condition plan (``inference.conditions.dataset_plan``) conditions sample ``i`` like the training data: class
+``i % num_classes``, or, for text models, the first caption of training sample ``i`` (manifest order, with its
+stored embedding) guided against the dataset's null text; the grid's captions go to TensorBoard as text. Latent
+datasets are decoded with ``eval.vae`` (default: the VAE the manifest records) at the manifest's latent scale.
+The reference statistics are read from ``eval.reference``: an ``.npz`` with ``mu``/``sigma``, an ``.npz`` of uint8
+images (``arr_0``, NHWC or NCHW), or ``data``: the first ``reference_samples`` images of the training shards (pixel
+datasets); without a reference, an extractor that carries its own (the small-data classifier) is used.
 
 By default rank 0 does everything; with ``eval.all_ranks`` every rank samples its share of ``num_samples`` and the
 features are gathered to rank 0 (the full EMA weights are broadcast first).
@@ -19,24 +21,23 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from deepflow.artifacts import Manifest
+from deepflow.platform.eval.extractors import LabelScorer, SelfReferencedExtractor, build_extractor
+from deepflow.platform.inference.conditions import dataset_plan
+from deepflow.platform.inference.generate import DecodeSpec, Decoder, SamplerConfig, generate, to_uint8
 from deepflow.platform.train.config import RunConfig, storage_options_for
 from deepflow.platform.train.distributed import DistContext
 from deepflow.platform.train.tb_logging import TrainLogger
+from deepflow.storage import join_url, read_url_bytes, write_url_bytes
 
-__all__ = ["Evaluator", "to_uint8", "make_grid_uint8"]
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float [B,C,H,W] -> uint8 [B,C,H,W]."""
-    return ((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+__all__ = ["EvalSamples", "Evaluator", "make_grid_uint8"]
 
 
 def make_grid_uint8(images: torch.Tensor, max_images: int) -> torch.Tensor:
@@ -50,6 +51,16 @@ def make_grid_uint8(images: torch.Tensor, max_images: int) -> torch.Tensor:
     return make_grid(images, nrow=rows, padding=1, pad_value=0)
 
 
+@dataclass
+class EvalSamples:
+    """One rank's evaluation samples: ``images`` uint8 [n,C,H,W], ``labels`` int64 [n] (-1 for text models) and
+    ``captions`` (text models) or None."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    captions: list[str] | None
+
+
 class Evaluator:
     """Periodic evaluation of one run (see module doc)."""
 
@@ -60,17 +71,11 @@ class Evaluator:
         self.ctx = ctx
         self.logger = logger
         self.manifest = manifest
-        self.is_latent = manifest is not None and manifest.kind == "vae"
         self.active = ctx.is_main or cfg.eval.all_ranks
         self.model: torch.nn.Module | None = None
         self.extractor: Any = None
         self.reference: tuple[np.ndarray, np.ndarray] | None = None
-        self.vae: Any = None
-        self.prompts: Any = None  # text_eval.Prompts of the text models
-        self.null_text: dict[str, torch.Tensor] | None = None
         self.clip: Any = None
-        self.is_text = cfg.model.is_text
-        self.prompt_offset = 0
         self.reference_storage_options = storage_options_for(
             cfg.eval.reference or "", cfg.checkpoint.storage_options, cfg.data.resolved_storage_options()
         )
@@ -80,44 +85,21 @@ class Evaluator:
 
         self.model = create_model(cfg.model.name, **cfg.model.create_kwargs()).to(ctx.device).eval()
         self.model.requires_grad_(False)
-        self.is_text = getattr(self.model, "conditioning", "class") == "text"
-        if self.is_text:
-            from deepflow.platform.inference.prompts import dataset_prompts, read_null_text
+        offset, count = self._share()
+        self.plan = dataset_plan(self.model, cfg.data.url, offset, count, cfg.data.resolved_storage_options(), manifest)
+        spec = DecodeSpec.resolve(vae=cfg.eval.vae, manifest=manifest, in_channels=self.model.in_channels)
+        self.decoder = Decoder(spec, ctx.device, cfg.eval.batch_size, field="eval.vae")
+        self.sampler = SamplerConfig.model_validate(cfg.eval.sampler.model_dump())
+        if cfg.eval.clip_model:  # the config allows it for text models only
+            from deepflow.platform.eval.clip_score import ClipScorer
 
-            storage = cfg.data.resolved_storage_options()
-            offset, count = self._share()
-            self.prompt_offset = offset  # this rank's prompts only (float16 embeddings as stored)
-            self.prompts = dataset_prompts(cfg.data.url, max(count, 1), storage, start=offset)
-            self.null_text = read_null_text(cfg.data.url, storage, manifest.to_json() if manifest else None)
-            if cfg.eval.clip_model:
-                from deepflow.platform.eval.clip_score import ClipScorer
-
-                self.clip = ClipScorer(*_load_clip(cfg, ctx.device), batch_size=cfg.eval.clip_batch_size)
+            self.clip = ClipScorer(*_load_clip(cfg, ctx.device), batch_size=cfg.eval.clip_batch_size)
         if cfg.eval.extractor:
-            from deepflow.platform.eval.extractors import build_extractor
-
-            self.extractor = build_extractor(cfg.eval.extractor, **cfg.eval.extractor_options)
-            if hasattr(self.extractor, "to"):
-                self.extractor = self.extractor.to(ctx.device)
-
-    # ------------------------------------------------------------------------------------------- decode
-    def _decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Model-space samples [B,C,H,W] -> uint8 images."""
-        if not self.is_latent:
-            return to_uint8(x)
-        if self.vae is None:
-            if not self.cfg.eval.vae:
-                raise ValueError("eval.vae: latent datasets need a VAE (diffusers AutoencoderKL id or path) to decode")
-            from diffusers import AutoencoderKL
-
-            self.vae = AutoencoderKL.from_pretrained(self.cfg.eval.vae).to(self.ctx.device).eval()
-        scale = float(self.manifest.latent_scale or 0.18215) if self.manifest else 0.18215
-        with torch.no_grad():
-            images = self.vae.decode(x.to(self.ctx.device) / scale).sample
-        return to_uint8(images)
+            self.extractor = build_extractor(cfg.eval.extractor, device=ctx.device, **cfg.eval.extractor_options)
 
     # -------------------------------------------------------------------------------------------- reference
     def _features(self, images: torch.Tensor) -> np.ndarray:
+        """uint8 [N,C,H,W] -> float64 features [N, dim], in batches of ``eval.batch_size``."""
         feats = []
         batch = self.cfg.eval.batch_size
         with torch.no_grad():
@@ -131,12 +113,13 @@ class Evaluator:
 
         reference = self.cfg.eval.reference
         if reference is None:  # an extractor with its own reference set (the small-data classifier)
-            stats = getattr(self.extractor, "reference_stats", None)
-            return None if stats is None else (np.asarray(stats[0], np.float64), np.asarray(stats[1], np.float64))
+            if not isinstance(self.extractor, SelfReferencedExtractor):
+                return None
+            mu, sigma = self.extractor.reference_stats
+            return np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
         if reference == "data":
             return feature_statistics(self._features(self._data_images(self.cfg.eval.reference_samples)))
-        with fsspec.open(reference, "rb", **self.reference_storage_options) as handle:
-            payload = np.load(io.BytesIO(handle.read()), allow_pickle=False)
+        payload = np.load(io.BytesIO(read_url_bytes(reference, self.reference_storage_options)), allow_pickle=False)
         if "mu" in payload and "sigma" in payload:
             return np.asarray(payload["mu"], np.float64), np.asarray(payload["sigma"], np.float64)
         key = "arr_0" if "arr_0" in payload else payload.files[0]
@@ -144,10 +127,11 @@ class Evaluator:
         return feature_statistics(self._features(images))
 
     def _data_images(self, count: int) -> torch.Tensor:
+        """uint8 [count,C,H,W]: the first ``count`` training images (pixel datasets)."""
         from deepflow.data_pipeline.loader import ShardLoader
 
-        if self.is_latent:
-            raise ValueError("eval.reference=data needs a pixel dataset; give an npz of reference images/statistics")
+        if self.manifest is not None and self.manifest.kind == "vae":
+            raise ValueError("eval.reference: 'data' needs a pixel dataset; give an npz of reference images/statistics")
         loader = ShardLoader(
             self.cfg.data.url, batch_size=min(count, 256), rank=0, world_size=1, num_workers=0,
             shuffle_buffer=0, seed=self.cfg.run.seed + 1, flip=False,
@@ -169,112 +153,103 @@ class Evaluator:
         assert box[0] is not None
         return box[0]
 
-    def _samples(self, count: int, offset: int) -> tuple[torch.Tensor, torch.Tensor | list[str]]:
-        """uint8 samples [count,C,H,W] for sample indices offset..offset+count-1, with their labels [count] (class
-        models) or captions (text models)."""
+    def samples(self, count: int, offset: int) -> EvalSamples:
+        """Samples ``offset`` .. ``offset + count - 1`` of the current weights, ``eval.batch_size`` at a time."""
         assert self.model is not None
-        from deepflow.models.conditions import condition_to
-        from deepflow.models.sampling import sample
-
-        cfg = self.cfg
-        model = self.model
-        shape = (model.in_channels, model.input_size, model.input_size)
-        out: list[torch.Tensor] = []
-        labels: list[torch.Tensor] = []
-        captions: list[str] = []
-        for start in range(offset, offset + count, cfg.eval.batch_size):
-            stop = min(start + cfg.eval.batch_size, offset + count)
-            generator = torch.Generator(device="cpu").manual_seed(cfg.run.seed * 1_000_003 + start)
-            noise = torch.randn((stop - start, *shape), generator=generator).to(self.ctx.device)
-            if self.is_text:
-                prompts = self.prompts.select(range(start - self.prompt_offset, stop - self.prompt_offset))
-                y: Any = condition_to(prompts.cond, self.ctx.device, dtype=torch.float32)
-                null: Any = self.null_text
-                captions.extend(prompts.captions)
-            else:
-                y = (torch.arange(start, stop) % model.num_classes).to(self.ctx.device)
-                null = None
-                labels.append(y.cpu())
-            with torch.no_grad():
-                x0 = sample(
-                    model, noise, y, method=cfg.eval.sampler.method, steps=cfg.eval.sampler.steps,
-                    cfg_scale=cfg.eval.sampler.cfg_scale, guidance_interval=tuple(cfg.eval.sampler.guidance_interval),
-                    null_label=model.num_classes, generator=generator, null_condition=null,
-                )
-            out.append(self._decode(x0).cpu())
-        images = torch.cat(out) if out else torch.zeros((0, 3, *shape[1:]), dtype=torch.uint8)
-        if self.is_text:
-            return images, captions
-        return images, torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+        model, batch = self.model, self.cfg.eval.batch_size
+        parts = [
+            generate(model, self.plan, np.arange(start, min(start + batch, offset + count), dtype=np.int64),
+                     seed=self.cfg.run.seed, sampler=self.sampler, decoder=self.decoder)
+            for start in range(offset, offset + count, batch)
+        ]
+        indices = np.arange(offset, offset + count, dtype=np.int64)
+        empty = torch.zeros((0, 3, model.input_size, model.input_size), dtype=torch.uint8)
+        return EvalSamples(torch.cat(parts) if parts else empty, torch.from_numpy(self.plan.labels_of(indices)),
+                           self.plan.captions_of(indices))
 
     def _share(self) -> tuple[int, int]:
         """(first sample index, sample count) of this rank: all of ``eval.num_samples`` on rank 0, or an equal share
         of them per rank with ``eval.all_ranks``."""
         cfg = self.cfg
-        world = self.ctx.world_size if (cfg.eval.all_ranks and self.ctx.distributed) else 1
+        world = self._world()
         rank = self.ctx.rank if world > 1 else 0
         per_rank = int(math.ceil(cfg.eval.num_samples / world))
         offset = rank * per_rank
         return offset, max(0, min(per_rank, cfg.eval.num_samples - offset))
 
+    def _world(self) -> int:
+        return self.ctx.world_size if (self.cfg.eval.all_ranks and self.ctx.distributed) else 1
+
     def run(self, weights: dict[str, torch.Tensor] | None, step: int) -> dict[str, float]:
         """Collective when ``eval.all_ranks``. ``weights``: full EMA weights on rank 0 (None elsewhere)."""
-        cfg = self.cfg
-        if cfg.eval.all_ranks and self.ctx.distributed:
+        if self.cfg.eval.all_ranks and self.ctx.distributed:
             weights = self._broadcast_weights(weights)
         if not self.active:
             return {}
         assert self.model is not None and weights is not None
         self.model.load_state_dict({k: v.to(self.ctx.device) for k, v in weights.items()})
-        world = self.ctx.world_size if (cfg.eval.all_ranks and self.ctx.distributed) else 1
-        rank = self.ctx.rank if world > 1 else 0
         offset, count = self._share()
-        images, labels = self._samples(count, offset)
-        metrics: dict[str, float] = {}
-        feats = self._features(images) if self.extractor is not None and len(images) else None
-        clip_scores = self.clip(images, labels) if self.clip is not None and len(images) else None
-        if world > 1:
-            box: list[Any] = [None] * world
-            dist.all_gather_object(box, (images[: cfg.eval.grid_size] if rank == 0 else None, feats, clip_scores))
-            if self.extractor is not None:
-                feats = np.concatenate([part[1] for part in box if part[1] is not None and len(part[1])])
-            if self.clip is not None:
-                clip_scores = torch.cat([part[2] for part in box if part[2] is not None])
+        batch = self.samples(count, offset)
+        feats = self._features(batch.images) if self.extractor is not None and len(batch.images) else None
+        clip_scores = self.clip(batch.images, batch.captions) if self.clip is not None and len(batch.images) else None
+        labels = batch.labels
+        if self._world() > 1:
+            feats, clip_scores, labels = self._gather(feats, clip_scores, labels)
         if not self.ctx.is_main:
             return {}
-        grid = make_grid_uint8(images, cfg.eval.grid_size)
-        self.logger.image("eval/samples", grid, step)
-        self._write_png(grid, step)
-        if self.is_text:
-            shown = labels[: min(cfg.eval.grid_size, len(labels))]
-            self.logger.text("eval/captions", "\n".join(f"{i}. {c}" for i, c in enumerate(shown, 1)), step)
+        self._log_grid(batch, step)
+        metrics: dict[str, float] = {}
         if clip_scores is not None:
             metrics["eval/clip_score"] = float(clip_scores.float().mean())
         if feats is not None:
-            from deepflow.platform.eval.metrics import feature_statistics, frechet_distance
-
-            if self.reference is None:
-                self.reference = self._reference_stats()
-            if self.reference is not None and feats.shape[0] >= 2:
-                mu, sigma = feature_statistics(feats)
-                fd = float(frechet_distance(mu, sigma, *self.reference))
-                metrics[f"eval/fd_{cfg.eval.extractor}"] = fd
-            if hasattr(self.extractor, "class_accuracy") and world == 1 and not self.is_text:  # of the labels
-                metrics["eval/class_accuracy"] = self.extractor.class_accuracy(feats, labels)
+            metrics.update(self._feature_metrics(feats, labels, batch.captions is None))
         if metrics:
             self.logger.scalars(step, metrics)
         return metrics
 
+    def _gather(self, feats: np.ndarray | None, clip_scores: torch.Tensor | None, labels: torch.Tensor
+                ) -> tuple[np.ndarray | None, torch.Tensor | None, torch.Tensor]:
+        """Every rank's features, CLIP scores and labels, concatenated in rank order (on every rank)."""
+        box: list[Any] = [None] * self._world()
+        dist.all_gather_object(box, (feats, clip_scores, labels))
+        if feats is not None:
+            feats = np.concatenate([part[0] for part in box if part[0] is not None and len(part[0])])
+        if clip_scores is not None:
+            clip_scores = torch.cat([part[1] for part in box if part[1] is not None])
+        labels = torch.cat([part[2] for part in box])
+        return feats, clip_scores, labels
+
+    def _feature_metrics(self, feats: np.ndarray, labels: torch.Tensor, class_labels: bool) -> dict[str, float]:
+        """Frechet distance to the reference; class accuracy of the labels when the extractor classifies."""
+        from deepflow.platform.eval.metrics import feature_statistics, frechet_distance
+
+        metrics: dict[str, float] = {}
+        if self.reference is None:
+            self.reference = self._reference_stats()
+        if self.reference is not None and feats.shape[0] >= 2:
+            mu, sigma = feature_statistics(feats)
+            metrics[f"eval/fd_{self.cfg.eval.extractor}"] = float(frechet_distance(mu, sigma, *self.reference))
+        if class_labels and isinstance(self.extractor, LabelScorer) and len(labels) == feats.shape[0]:
+            metrics["eval/class_accuracy"] = float(self.extractor.class_accuracy(feats, labels))
+        return metrics
+
+    def _log_grid(self, batch: EvalSamples, step: int) -> None:
+        """The grid of rank 0's first ``eval.grid_size`` samples: TensorBoard image, PNG, captions as text."""
+        grid = make_grid_uint8(batch.images, self.cfg.eval.grid_size)
+        self.logger.image("eval/samples", grid, step)
+        self._write_png(grid, step)
+        if batch.captions is not None:
+            shown = batch.captions[: self.cfg.eval.grid_size]
+            self.logger.text("eval/captions", "\n".join(f"{i}. {c}" for i, c in enumerate(shown, 1)), step)
+
     def _write_png(self, grid: torch.Tensor, step: int) -> None:
+        """``<run.output_dir>/samples/step-NNNNNNN.png`` (atomic, any storage)."""
         from PIL import Image
 
-        url = f"{self.cfg.run.output_dir.rstrip('/')}/samples/step-{step:07d}.png"
-        fs, path = fsspec.core.url_to_fs(url, **self.cfg.output_storage_options())
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         buffer = io.BytesIO()
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
-        with fs.open(path, "wb") as handle:
-            handle.write(buffer.getvalue())
+        url = join_url(self.cfg.run.output_dir, f"samples/step-{step:07d}.png")
+        write_url_bytes(url, buffer.getvalue(), self.cfg.output_storage_options())
 
 
 def _load_clip(cfg: RunConfig, device: torch.device) -> tuple[Any, Any]:

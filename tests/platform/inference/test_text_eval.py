@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepflow.artifacts import Manifest
+from deepflow.artifacts import Manifest, ModelCard, read_manifest, write_export
 from deepflow.data_pipeline.config import load_config as load_precompute_config
 from deepflow.data_pipeline.precompute import run_precompute
 from deepflow.models import create_model
@@ -29,11 +29,10 @@ from deepflow.platform.inference.prompts import (
     dataset_prompts,
     encode_prompts,
     read_caption_file,
-    read_manifest,
     read_null_text,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 NUM_EMOJI = 24
 # open_clip architecture overrides: a tiny random CLIP (nothing is downloaded)
 TINY_CLIP = {
@@ -119,7 +118,7 @@ def test_prompts_from_shards_files_and_reencoding(emoji_url: str, tmp_path: Path
 
 
 def test_model_config_is_resolved_and_checked_against_the_manifest(emoji_url: str, tmp_path: Path) -> None:
-    manifest = Manifest.model_validate(read_manifest(emoji_url))
+    manifest = read_manifest(emoji_url)
     cfg = config_from_tree(_run_config(emoji_url, tmp_path))
     kwargs = cfg.model.create_kwargs()
     assert "num_classes" not in kwargs and "depth" not in kwargs  # create_model rejects both for MMDiT
@@ -197,7 +196,7 @@ def test_periodic_eval_of_a_text_model(emoji_url: str, tmp_path: Path) -> None:
 
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                              image_size=28, patch_size=14)).save_pretrained(tmp_path / "dino")
-    manifest = Manifest.model_validate(read_manifest(emoji_url))
+    manifest = read_manifest(emoji_url)
     tree = _run_config(emoji_url, tmp_path, eval={
         "every": 1, "num_samples": 6, "batch_size": 4, "grid_size": 4,
         "sampler": {"method": "euler", "steps": 3, "cfg_scale": 2.0},
@@ -216,8 +215,9 @@ def test_periodic_eval_of_a_text_model(emoji_url: str, tmp_path: Path) -> None:
     assert set(metrics) == {"eval/fd_dinov2", "eval/clip_score"}
     assert math.isfinite(metrics["eval/fd_dinov2"]) and metrics["eval/fd_dinov2"] > 0
     # the CLIP score is that of the 6 samples against the first caption of the first 6 dataset samples
-    images, captions = evaluator._samples(6, 0)
-    assert captions == dataset_prompts(emoji_url, 6).captions
+    batch = evaluator.samples(6, 0)
+    images, captions = batch.images, batch.captions
+    assert captions == dataset_prompts(emoji_url, 6).captions and batch.labels.tolist() == [-1] * 6
     assert images.shape == (6, 3, 16, 16) and images.dtype == torch.uint8
     assert 0.0 <= metrics["eval/clip_score"] <= 100.0
     assert metrics["eval/clip_score"] == pytest.approx(float(evaluator.clip(images, captions).mean()), abs=1e-4)
@@ -230,6 +230,33 @@ def test_periodic_eval_of_a_text_model(emoji_url: str, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (tmp_path / "tb" / "scalars.jsonl").read_text().splitlines()]
     assert any("eval/clip_score" in row for row in rows)
     assert np.isfinite([row.get("eval/clip_score", 0.0) for row in rows]).all()
+
+
+def test_sample_job_conditions_a_text_model_on_caption_files_and_the_dataset(emoji_url: str, tmp_path: Path) -> None:
+    from deepflow.platform.inference.sample_job import SampleConfig, run_sampling
+
+    manifest = read_manifest(emoji_url)
+    cfg = resolve_model_for_dataset(config_from_tree(_run_config(emoji_url, tmp_path)), manifest)
+    kwargs = cfg.model.create_kwargs()
+    model = _randomized(create_model(cfg.model.name, **kwargs))
+    card = ModelCard.for_dataset(cfg.model.name, kwargs, manifest, data_url=emoji_url)
+    write_export(str(tmp_path / "export"), model.state_dict(), card)
+    (tmp_path / "prompts.txt").write_text("red apple\nrocket\n")
+    common = dict(checkpoint=str(tmp_path / "export"), num_samples=3, chunk_size=3, batch_size=3, progress=False,
+                  sampler={"method": "euler", "steps": 2, "cfg_scale": 2.0})
+    run_sampling(SampleConfig(out=str(tmp_path / "file"), captions=str(tmp_path / "prompts.txt"), **common))
+    assert (tmp_path / "file" / "captions.txt").read_text().splitlines() == ["red apple", "rocket", "red apple"]
+    with np.load(tmp_path / "file" / "samples.npz") as data:
+        images, labels = data["arr_0"], data["arr_1"]
+    assert images.shape == (3, 16, 16, 3) and labels.tolist() == [-1, -1, -1]
+    assert images[0].tobytes() != images[1].tobytes()
+    run_sampling(SampleConfig(out=str(tmp_path / "dataset"), **common))  # captions: the dataset's (the default)
+    assert (tmp_path / "dataset" / "captions.txt").read_text().splitlines() == dataset_captions(emoji_url, 3)
+    with np.load(tmp_path / "dataset" / "chunks" / "chunk-000000.npz") as chunk:
+        assert chunk["captions"].tolist() == dataset_captions(emoji_url, 3)
+    with pytest.raises(ValueError, match="^labels: applies to class-conditional models"):
+        run_sampling(SampleConfig(out=str(tmp_path / "labels"), labels="shuffled", **common))
+    assert not (tmp_path / "labels").exists()
 
 
 @pytest.mark.parametrize("name,key_layers", [("train-deepflow-mmdit-24-3t", [8, 16, 24]), ("train-mmdit-24", [24])])
