@@ -1,6 +1,7 @@
 """The package layering of docs/architecture.md, checked on the source: no import circle, nothing imports upward.
 
-Every ``import`` counts, also the ones inside functions (a lazy import is still a dependency).
+Every ``import`` counts, also the ones inside functions (a lazy import is still a dependency); only the imports under
+``if TYPE_CHECKING:`` (annotations, never executed) do not.
 """
 from __future__ import annotations
 
@@ -45,7 +46,12 @@ def _imports(path: Path) -> set[str]:
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    type_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
+                 for inner in ast.walk(node)}
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -58,6 +64,11 @@ def _imports(path: Path) -> set[str]:
             found.add(target)
             found.update(f"{target}.{alias.name}" for alias in node.names)
     return {name for name in found if name == "deepflow" or name.startswith("deepflow.")}
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def _graph() -> dict[str, set[str]]:

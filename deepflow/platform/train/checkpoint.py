@@ -1,57 +1,72 @@
-"""Checkpoints on any fsspec URL (local path, file://, s3://, gs://), committed by a marker written last.
+"""Checkpoints on any storage URL (local path, file://, s3://, gs://), in the layout of :mod:`deepflow.artifacts`.
 
-Layout of one checkpoint::
+One checkpoint is a ``step-NNNNNNN`` folder (see :class:`deepflow.artifacts.CheckpointLayout`)::
 
-    <url>/step-0001000/
-        engine/                 model + optimizer, engine-specific (safetensors+pt, DCP shards, DeepSpeed files)
-        ema/full.safetensors    EMA (replicated engines, rank 0) or ema/rank-00003.safetensors (sharded engines)
-        state/rank-00003.json   per rank: data-loader position, RNG states (torch CPU/CUDA, python, numpy)
-        config.yaml             the resolved run config
-        meta.json               step, world size, engine
-        COMMIT                  written last by rank 0, after every rank has finished: the commit
+    engine/                 model + optimizer, engine-specific (safetensors+pt, DCP shards, DeepSpeed files)
+    ema/full.safetensors    EMA (replicated engines, rank 0) or ema/rank-00003.safetensors (sharded engines)
+    state/rank-00003.json   per rank: data-loader position, RNG states (torch CPU/CUDA, python, numpy)
+    config.yaml             the resolved run config
+    model.json              the ModelCard, so ``artifacts.load_weights(<checkpoints>)`` rebuilds the EMA model
+    meta.json               step, world size, engine
+    COMMIT                  written last by rank 0, after every rank has finished: the commit
 
-Object stores have no atomic rename, so readers trust only folders with COMMIT; the newest such folder is the
-resume point. Engines write local files, so for a remote URL each rank writes into a local staging directory
-and uploads its own files (and downloads the whole folder to resume). The last ``keep_last`` committed folders
-are kept. Asynchronous saving snapshots everything to CPU in the loop, then writes and uploads in a background
-thread; the commit happens in :meth:`CheckpointManager.poll` once every rank's thread has finished.
+Readers trust only folders with COMMIT; the newest such folder is the resume point; the last ``keep_last``
+committed folders are kept. Every read and write goes through :class:`deepflow.storage.Storage` (one retry
+policy). Engines write LOCAL files: on a local disk they write straight into the step folder; for an object store
+each rank writes into its own staging folder under TMPDIR, uploads it (``put_tree``) and removes it whatever
+happens; a resume downloads only the ``engine/`` folder (the rest is read directly).
+
+Asynchronous saving (``async_save``, when the engine supports it: :meth:`Engine.async_save`): the state is
+captured in the loop, then written and uploaded by a background thread; the commit happens in
+:meth:`CheckpointManager.poll` (or :meth:`~CheckpointManager.wait`) once every rank's thread has finished.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import random
-import re
 import shutil
 import signal
 import tempfile
 import threading
 import time
-from concurrent.futures import Future
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
 
+from deepflow.artifacts import (
+    CHECKPOINT_CONFIG_NAME,
+    CHECKPOINT_META_NAME,
+    ENGINE_DIR,
+    MODEL_CARD_NAME,
+    CheckpointLayout,
+    ModelCard,
+    ema_file_name,
+    rank_state_name,
+    step_dir_name,
+)
 from deepflow.platform.train.distributed import DistContext
+from deepflow.platform.train.ema import ShardedEMA
+from deepflow.platform.train.engines.base import AsyncSave, Engine
+from deepflow.storage import Storage
 
 __all__ = [
     "CheckpointManager",
     "PreemptionHandler",
     "capture_rng_state",
     "restore_rng_state",
-    "export_weights",
-    "COMMIT_NAME",
 ]
 
-COMMIT_NAME = "COMMIT"
-_STEP_DIR = re.compile(r"^step-(\d{7,})$")
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------- RNG
@@ -109,40 +124,71 @@ class PreemptionHandler:
             signal.signal(signum, previous)
 
 
-# ------------------------------------------------------------------------------------------------- I/O
-def _tensor_dict_to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+# ------------------------------------------------------------------------------------------------- files
+@dataclass
+class _StepFiles:
+    """What one rank writes into a step folder besides the engine's files (captured when the save starts)."""
+
+    rank: int
+    rank_state: dict[str, Any]
+    ema: dict[str, torch.Tensor] | None  # CPU copy of this rank's EMA file, None when it writes none
+    ema_name: str
+    main_files: dict[str, bytes]  # rank 0 only: config.yaml, meta.json, model.json
+
+    def write(self, local_dir: str) -> None:
+        """Write the files into the local folder ``local_dir``."""
+        self._put(local_dir, rank_state_name(self.rank), json.dumps(self.rank_state).encode("utf-8"))
+        for name, data in self.main_files.items():
+            self._put(local_dir, name, data)
+        if self.ema is not None:
+            save_file(self.ema, self._local(local_dir, self.ema_name))
+
+    @staticmethod
+    def _local(local_dir: str, name: str) -> str:
+        path = os.path.join(local_dir, *name.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    def _put(self, local_dir: str, name: str, data: bytes) -> None:
+        with open(self._local(local_dir, name), "wb") as handle:
+            handle.write(data)
+
+
+def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
-
-
-def export_weights(
-    weights: dict[str, torch.Tensor],
-    url: str,
-    metadata: dict[str, Any],
-    storage_options: dict[str, Any] | None = None,
-) -> None:
-    """Write ``<url>/export.safetensors`` and ``<url>/export.json`` (model name, create_model kwargs, step)."""
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    fs.makedirs(root, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "export.safetensors")
-        save_file(_tensor_dict_to_cpu(weights), local, metadata={"format": "pt"})
-        fs.put_file(local, f"{root}/export.safetensors")
-    with fs.open(f"{root}/export.json", "w") as handle:
-        json.dump(metadata, handle, indent=2)
 
 
 @dataclass
 class _Pending:
+    """An asynchronous save whose background writer may still run."""
+
     step: int
-    remote_dir: str
-    staging: str | None
+    meta: dict[str, Any]
     thread: threading.Thread
-    error: list[BaseException] = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
+    errors: list[BaseException] = field(default_factory=list)
 
 
+def _attempt(operation: Callable[[], None]) -> BaseException | None:
+    """Run ``operation``; its exception (returned, not raised) so that every rank can agree before raising."""
+    try:
+        operation()
+    except Exception as error:  # noqa: BLE001 - re-raised by _commit_or_raise on every rank
+        return error
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ manager
 class CheckpointManager:
-    """Save / find / load / prune ``step-NNNNNNN`` checkpoints under one URL (see module doc)."""
+    """Save / find / load / prune the step folders under one URL (see the module doc).
+
+    Args:
+        url: the checkpoints folder (any storage URL).
+        ctx: this process's distributed context; ``save``, ``load``, ``poll``, ``wait`` and ``latest_step`` are
+            collective.
+        keep_last: committed checkpoints kept (older ones are removed after each commit).
+        async_save: write in a background thread when the engine supports it.
+        storage_options: fsspec options of ``url`` (S3 endpoint, ...).
+    """
 
     def __init__(
         self,
@@ -152,45 +198,30 @@ class CheckpointManager:
         async_save: bool = False,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.storage = Storage(url, storage_options)
+        self.layout = CheckpointLayout(self.storage)
         self.ctx = ctx
         self.keep_last = keep_last
         self.async_save = async_save
-        self.storage_options = dict(storage_options or {})
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
-        self.is_local = "file" in protocols or "local" in protocols
         self.pending: _Pending | None = None
         self.last_stall_s = 0.0
         if ctx.is_main:
-            self.fs.makedirs(self.root, exist_ok=True)
+            self.storage.makedirs()
+
+    @property
+    def url(self) -> str:
+        return self.storage.url
 
     # ---------------------------------------------------------------------------------------- discovery
-    def step_path(self, step: int) -> str:
-        return f"{self.root}/step-{step:07d}"
-
-    def _list_steps(self) -> list[tuple[int, str, bool]]:
-        """(step, path, committed) for every step folder, oldest first."""
-        try:
-            entries = self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            return []
-        found = []
-        for entry in entries:
-            match = _STEP_DIR.match(entry.rstrip("/").rsplit("/", 1)[-1])
-            if match:
-                path = entry.rstrip("/")
-                found.append((int(match.group(1)), path, self.fs.exists(f"{path}/{COMMIT_NAME}")))
-        return sorted(found)
+    def step_url(self, step: int) -> str:
+        return self.layout.step_url(step)
 
     def committed_steps(self) -> list[int]:
-        self.fs.invalidate_cache()
-        return [step for step, _, committed in self._list_steps() if committed]
+        return self.layout.committed_steps()
 
     def latest_step(self) -> int | None:
-        """Newest committed step (decided by rank 0 and broadcast so every rank resumes the same one)."""
-        steps = self.committed_steps() if self.ctx.is_main else []
-        choice = [steps[-1] if steps else None]
+        """Collective: newest committed step (decided by rank 0 and broadcast so every rank resumes the same)."""
+        choice = [self.layout.newest_committed() if self.ctx.is_main else None]
         if self.ctx.distributed:
             dist.broadcast_object_list(choice, src=0)
         return choice[0]
@@ -199,135 +230,155 @@ class CheckpointManager:
     def save(
         self,
         step: int,
-        engine: Any,
-        ema: Any | None,
+        engine: Engine,
+        ema: ShardedEMA | None,
         rank_state: dict[str, Any],
         config_yaml: str,
+        card: ModelCard | None = None,
         blocking: bool | None = None,
     ) -> float:
         """Collective. Write checkpoint ``step``; returns the seconds the caller was stalled.
 
-        Asynchronous (``async_save`` and ``blocking`` not True) when the engine can snapshot to CPU.
+        Asynchronous when ``async_save`` (or ``blocking=False``) and the engine supports it; ``blocking=True``
+        always saves synchronously. ``card`` (rank 0) becomes ``model.json``.
         """
         start = time.perf_counter()
         self.wait()  # at most one save in flight
-        remote_dir = self.step_path(step)
         use_async = self.async_save if blocking is None else not blocking
-        staging = None if self.is_local else tempfile.mkdtemp(prefix=f"ckpt-{step}-r{self.ctx.rank}-")
-        local_dir = remote_dir if self.is_local else staging
-        assert local_dir is not None
-        sharded = bool(getattr(engine, "sharded_params", False))
-        ema_name = f"rank-{self.ctx.rank:05d}" if sharded else "full"
-        should_write_ema = ema is not None and (sharded or self.ctx.is_main)
-        meta = {
-            "step": step,
-            "world_size": self.ctx.world_size,
-            "engine": getattr(engine, "name", "?"),
-            "sharded_ema": sharded,
-            "time": time.time(),
-        }
-        if self.ctx.is_main and self.fs.exists(remote_dir):  # leftovers of a crashed save of this same step
-            self.fs.rm(remote_dir, recursive=True)
-        if self.ctx.is_main or not self.is_local:
-            os.makedirs(local_dir, exist_ok=True)
-        self.ctx.barrier()
-
-        def write_small_files() -> None:
-            os.makedirs(os.path.join(local_dir, "state"), exist_ok=True)
-            with open(os.path.join(local_dir, "state", f"rank-{self.ctx.rank:05d}.json"), "w") as handle:
-                json.dump(rank_state, handle)
-            if self.ctx.is_main:
-                with open(os.path.join(local_dir, "config.yaml"), "w") as handle:
-                    handle.write(config_yaml)
-                with open(os.path.join(local_dir, "meta.json"), "w") as handle:
-                    json.dump(meta, handle)
-
-        def write_ema(tensors: dict[str, torch.Tensor]) -> None:
-            os.makedirs(os.path.join(local_dir, "ema"), exist_ok=True)
-            save_file(tensors, os.path.join(local_dir, "ema", f"{ema_name}.safetensors"))
-
-        ema_cpu = _tensor_dict_to_cpu(ema.state_dict()) if should_write_ema else None
-        engine_dir = os.path.join(local_dir, "engine")
-        dcp_future: Future | None = None
-        snapshot = None
-        if use_async:
-            if hasattr(engine, "async_save"):
-                dcp_future = engine.async_save(engine_dir)
-            elif getattr(engine, "supports_snapshot", False):
-                snapshot = engine.snapshot()  # CPU copy (None on ranks with nothing to write)
-            else:
-                use_async = False  # e.g. DeepSpeed: its own save is synchronous
-
-        if not use_async:
-            engine.save(engine_dir)
-            write_small_files()
-            if ema_cpu is not None:
-                write_ema(ema_cpu)
-            self._upload(local_dir, remote_dir)
+        files, meta = self._capture(step, engine, ema, rank_state, config_yaml, card)
+        if self.ctx.is_main:
+            self.layout.remove(step)  # leftovers of a crashed save of this same step
+        staging = None if self.storage.is_local else tempfile.mkdtemp(prefix=f"ckpt-{step}-r{self.ctx.rank}-")
+        local_dir = staging or self.storage.path(step_dir_name(step))
+        handed_off = False
+        try:
+            if staging is None and self.ctx.is_main:
+                os.makedirs(local_dir, exist_ok=True)
             self.ctx.barrier()
-            self._commit(step, meta)
-            self.last_stall_s = time.perf_counter() - start
-            return self.last_stall_s
-
-        def background(pending_errors: list[BaseException]) -> None:
-            try:
-                if dcp_future is not None:
-                    dcp_future.result()
-                elif snapshot is not None:
-                    engine.write_snapshot(snapshot, engine_dir)
-                write_small_files()
-                if ema_cpu is not None:
-                    write_ema(ema_cpu)
-                self._upload(local_dir, remote_dir)
-            except BaseException as error:  # surfaced by poll()/wait()
-                pending_errors.append(error)
-
-        errors: list[BaseException] = []
-        thread = threading.Thread(target=background, args=(errors,), name=f"ckpt-{step}", daemon=True)
-        self.pending = _Pending(step, remote_dir, staging, thread, errors)
-        thread.start()
+            engine_dir = os.path.join(local_dir, ENGINE_DIR)
+            in_flight = engine.async_save(engine_dir) if use_async else None
+            if in_flight is None:
+                engine.save(engine_dir)
+                error = _attempt(lambda: self._write_and_upload(step, files, local_dir))
+                _, failed = self._agree(done=True, failed=error is not None)
+                self._commit_or_raise(step, meta, failed, error)
+            else:
+                self._start_writer(step, meta, in_flight, files, local_dir, staging)
+                handed_off = True  # the writer thread removes the staging folder
+        finally:
+            if staging is not None and not handed_off:
+                shutil.rmtree(staging, ignore_errors=True)
         self.last_stall_s = time.perf_counter() - start
         return self.last_stall_s
 
-    def _upload(self, local_dir: str, remote_dir: str) -> None:
-        if self.is_local:
-            return
-        for dirpath, _, filenames in os.walk(local_dir):
-            for filename in filenames:
-                source = os.path.join(dirpath, filename)
-                relative = os.path.relpath(source, local_dir).replace(os.sep, "/")
-                self.fs.put_file(source, f"{remote_dir}/{relative}")
-        shutil.rmtree(local_dir, ignore_errors=True)
-
-    def _commit(self, step: int, meta: dict[str, Any]) -> None:
+    def _capture(
+        self,
+        step: int,
+        engine: Engine,
+        ema: ShardedEMA | None,
+        rank_state: dict[str, Any],
+        config_yaml: str,
+        card: ModelCard | None,
+    ) -> tuple[_StepFiles, dict[str, Any]]:
+        """This rank's non-engine files of ``step`` (EMA copied to CPU now) and the commit metadata."""
+        sharded = engine.sharded_params
+        meta = {
+            "step": step,
+            "world_size": self.ctx.world_size,
+            "engine": engine.name,
+            "sharded_ema": sharded,
+            "time": time.time(),
+        }
+        main_files: dict[str, bytes] = {}
         if self.ctx.is_main:
-            with self.fs.open(f"{self.step_path(step)}/{COMMIT_NAME}", "w") as handle:
-                json.dump(meta, handle)
+            main_files[CHECKPOINT_CONFIG_NAME] = config_yaml.encode("utf-8")
+            main_files[CHECKPOINT_META_NAME] = json.dumps(meta).encode("utf-8")
+            if card is not None:
+                main_files[MODEL_CARD_NAME] = json.dumps(card.model_dump(mode="json", exclude_none=True)).encode()
+        writes_ema = ema is not None and (sharded or self.ctx.is_main)
+        files = _StepFiles(
+            rank=self.ctx.rank,
+            rank_state=rank_state,
+            ema=_cpu_tensors(ema.state_dict()) if writes_ema and ema is not None else None,
+            ema_name=ema_file_name(self.ctx.rank if sharded else None),
+            main_files=main_files,
+        )
+        return files, meta
+
+    def _write_and_upload(self, step: int, files: _StepFiles, local_dir: str) -> None:
+        """Write this rank's files next to the engine's; on an object store upload the staging folder."""
+        files.write(local_dir)
+        if not self.storage.is_local:
+            self.storage.put_tree(local_dir, step_dir_name(step))
+
+    def _start_writer(
+        self,
+        step: int,
+        meta: dict[str, Any],
+        in_flight: AsyncSave,
+        files: _StepFiles,
+        local_dir: str,
+        staging: str | None,
+    ) -> None:
+        """Finish the engine's save, write and upload in a background thread (errors surface in poll/wait)."""
+        errors: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                in_flight.finish()
+                self._write_and_upload(step, files, local_dir)
+            except BaseException as error:  # noqa: BLE001 - surfaced by poll()/wait()
+                errors.append(error)
+            finally:
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
+
+        thread = threading.Thread(target=write, name=f"ckpt-{step}", daemon=True)
+        self.pending = _Pending(step, {**meta, "async": True}, thread, errors)
+        thread.start()
+
+    def _agree(self, done: bool, failed: bool) -> tuple[bool, bool]:
+        """Collective: (every rank's writer is done, some rank's writer failed)."""
+        device = self.ctx.device if self.ctx.backend == "nccl" else torch.device("cpu")
+        flags = torch.tensor([int(not done), int(failed)], dtype=torch.int32, device=device)
+        if self.ctx.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        not_done, failed_any = flags.tolist()
+        return not not_done, bool(failed_any)
+
+    def _commit_or_raise(self, step: int, meta: dict[str, Any], failed: bool, error: BaseException | None) -> None:
+        """Every rank's files are written: rank 0 writes COMMIT and prunes. Some rank failed: no commit, and every
+        rank raises (this rank's error as the cause, if it had one)."""
+        if failed:
+            where = "" if error is not None else " on another rank"
+            raise RuntimeError(f"checkpoint of step {step} failed{where}; it is not committed") from error
+        if self.ctx.is_main:
+            self.layout.commit(step, meta)
             self._prune()
 
     def _prune(self) -> None:
-        entries = self._list_steps()
-        committed = [(step, path) for step, path, ok in entries if ok]
-        keep = {step for step, _ in committed[-self.keep_last :]}
-        newest = committed[-1][0] if committed else -1
-        pending_step = self.pending.step if self.pending else None
-        for step, path, ok in entries:
-            stale_partial = not ok and step < newest and step != pending_step
-            if (ok and step not in keep) or stale_partial:
-                self.fs.rm(path, recursive=True)
+        """Remove committed folders beyond ``keep_last`` and uncommitted ones older than the newest commit
+        (best effort: a failure is logged and the next commit prunes again)."""
+        try:
+            steps = self.layout.steps()
+            committed = [step for step, ok in steps if ok]
+            keep = set(committed[-self.keep_last :])
+            newest = committed[-1] if committed else -1
+            in_flight = self.pending.step if self.pending else None
+            for step, ok in steps:
+                if (ok and step not in keep) or (not ok and step < newest and step != in_flight):
+                    self.layout.remove(step)
+        except OSError as error:
+            log.warning("pruning old checkpoints under %s failed (retried at the next commit): %s", self.url, error)
 
     def poll(self) -> bool:
         """Collective (only while a save is pending): commit it once every rank's writer is done."""
         if self.pending is None:
             return False
-        done_here = 0 if self.pending.thread.is_alive() else 1
-        device = self.ctx.device if self.ctx.backend == "nccl" else torch.device("cpu")
-        flag = torch.tensor([done_here], dtype=torch.int32, device=device)
-        if self.ctx.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if int(flag.item()) == 0:
+        done, failed = self._agree(done=not self.pending.thread.is_alive(), failed=bool(self.pending.errors))
+        if not done:
             return False
-        self._finish_pending()
+        self._finish_pending(failed)
         return True
 
     def wait(self) -> None:
@@ -335,52 +386,43 @@ class CheckpointManager:
         if self.pending is None:
             return
         self.pending.thread.join()
-        self.ctx.barrier()
-        self._finish_pending()
+        _, failed = self._agree(done=True, failed=bool(self.pending.errors))
+        self._finish_pending(failed)
 
-    def _finish_pending(self) -> None:
+    def _finish_pending(self, failed: bool) -> None:
         pending = self.pending
         assert pending is not None
-        if pending.error:
-            self.pending = None
-            raise RuntimeError(f"asynchronous checkpoint of step {pending.step} failed") from pending.error[0]
         self.pending = None
-        self._commit(pending.step, {"step": pending.step, "async": True})
+        error = pending.errors[0] if pending.errors else None
+        self._commit_or_raise(pending.step, pending.meta, failed, error)
 
     # --------------------------------------------------------------------------------------------- load
-    def load(self, step: int, engine: Any, ema: Any | None) -> dict[str, Any]:
+    def load(self, step: int, engine: Engine, ema: ShardedEMA | None) -> dict[str, Any]:
         """Collective: restore engine + EMA of ``step``; returns this rank's saved state (loader, RNG)."""
-        remote_dir = self.step_path(step)
-        local_dir = remote_dir
-        staging = None
-        if not self.is_local:
-            staging = tempfile.mkdtemp(prefix=f"resume-{step}-r{self.ctx.rank}-")
-            self.fs.get(remote_dir + "/", staging + "/", recursive=True)
-            local_dir = staging
+        step_storage = self.layout.step_storage(step)
+        meta = step_storage.read_json(CHECKPOINT_META_NAME)
+        if meta["world_size"] != self.ctx.world_size:
+            raise RuntimeError(
+                f"checkpoint {step_storage.url} was written by {meta['world_size']} ranks, this run has "
+                f"{self.ctx.world_size}: per-rank loader positions (and sharded EMA) need the same world size"
+            )
+        sharded_ema = bool(meta.get("sharded_ema"))
+        if ema is not None and not sharded_ema and engine.sharded_params:
+            raise RuntimeError(f"{step_storage.url}: replicated EMA cannot be loaded into a sharded engine")
+        self._load_engine(step, step_storage, engine)
+        if ema is not None:
+            name = ema_file_name(self.ctx.rank if sharded_ema else None)
+            ema.load_state_dict(load_safetensors_bytes(step_storage.read_bytes(name)))
+        return step_storage.read_json(rank_state_name(self.ctx.rank))
+
+    def _load_engine(self, step: int, step_storage: Storage, engine: Engine) -> None:
+        """``engine.load`` from the local ``engine/`` folder (downloaded to a staging folder first if remote)."""
+        if self.storage.is_local:
+            engine.load(step_storage.path(ENGINE_DIR))
+            return
+        staging = tempfile.mkdtemp(prefix=f"resume-{step}-r{self.ctx.rank}-")
         try:
-            with open(os.path.join(local_dir, "meta.json")) as handle:
-                meta = json.load(handle)
-            state_file = os.path.join(local_dir, "state", f"rank-{self.ctx.rank:05d}.json")
-            if meta["world_size"] != self.ctx.world_size:
-                raise RuntimeError(
-                    f"checkpoint {remote_dir} was written by {meta['world_size']} ranks, this run has "
-                    f"{self.ctx.world_size}: per-rank loader positions (and sharded EMA) need the same world size"
-                )
-            engine.load(os.path.join(local_dir, "engine"))
-            if ema is not None:
-                ema_name = f"rank-{self.ctx.rank:05d}" if meta.get("sharded_ema") else "full"
-                tensors = load_file(os.path.join(local_dir, "ema", f"{ema_name}.safetensors"))
-                if not meta.get("sharded_ema") and getattr(engine, "sharded_params", False):
-                    raise RuntimeError(f"{remote_dir}: replicated EMA cannot be loaded into a sharded engine")
-                ema.load_state_dict(tensors)
-            with open(state_file) as handle:
-                return json.load(handle)
+            step_storage.get_tree(ENGINE_DIR, staging)
+            engine.load(staging)
         finally:
-            if staging is not None:
-                self.ctx.barrier()
-                shutil.rmtree(staging, ignore_errors=True)
-
-    def read_config(self, step: int) -> str:
-        with self.fs.open(f"{self.step_path(step)}/config.yaml", "r") as handle:
-            return handle.read()
-
+            shutil.rmtree(staging, ignore_errors=True)

@@ -170,11 +170,22 @@ class ScheduleSection(_Section):
 class DistributedSection(_Section):
     """Engine and its options."""
 
-    engine: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    engine: str = Field("ddp", description="a registered engine: ddp, fsdp, deepspeed (engines.ENGINES)")
     zero_stage: Literal[1, 2, 3] = 2
     compile: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     timeout_minutes: float = Field(30.0, gt=0.0)
+
+    @field_validator("engine")
+    @classmethod
+    def _registered_engine(cls, name: str) -> str:
+        from deepflow.platform.train.engines import ENGINES
+
+        if name not in ENGINES:
+            close = difflib.get_close_matches(name, list(ENGINES), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown engine {name!r} (registered: {', '.join(sorted(ENGINES))}){hint}")
+        return name
 
 
 class CheckpointSection(_Section):
@@ -281,8 +292,12 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
-        if self.precision == "fp16" and self.distributed.engine == "fsdp":
-            raise ValueError("precision: fp16 is not supported with distributed.engine=fsdp; use bf16")
+        from deepflow.platform.train.engines import ENGINES
+
+        supported = ENGINES[self.distributed.engine].precisions
+        if self.precision not in supported:
+            raise ValueError(f"precision: {self.precision} is not supported with distributed.engine="
+                             f"{self.distributed.engine}; use one of {', '.join(supported)}")
         if self.model.ssl_align and self.objective.proj_weight == 0.0:
             raise ValueError("objective.proj_weight: must be > 0 when model.ssl_align is true")
         self._check_model_extra()

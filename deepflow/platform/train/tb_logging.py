@@ -5,8 +5,12 @@ Tags written by the trainer: ``loss/deep_<i>`` per branch, ``loss/acc``, ``loss/
 ``perf/peak_mem_gb``, ``perf/data_wait_frac``, ``eval/*``. A custom-scalars layout groups the charts by branch so
 the dashboard opens organised. Every scalar row is also appended to ``scalars.jsonl`` next to the event files.
 
-For a remote URL (s3://, gs://) the event files are written to a local directory and uploaded by :meth:`sync`
-(every ``sync_every_s`` seconds and on close); event files only grow, so re-uploading them is idempotent.
+For a remote URL (s3://, gs://) the event files are written to a local folder under TMPDIR and uploaded through
+:class:`deepflow.storage.Storage` (its retry policy) by :meth:`TrainLogger.sync`: every ``sync_every_s`` seconds,
+after each checkpoint (the trainer calls it) and on :meth:`~TrainLogger.close`. Event files only grow, so uploading
+a changed file again is idempotent: a sync that fails after the whole retry budget logs a warning and leaves the
+files for the next sync; training goes on and no step is lost. ``close`` deletes the local folder only once
+everything is on the store (otherwise it says where the files are).
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import IO, Any
 
-import fsspec
 import numpy as np
 import torch
 
+from deepflow.storage import Storage
+
 __all__ = ["TrainLogger", "console_logger", "branch_layout", "peak_tflops_for"]
+
+log = logging.getLogger(__name__)
 
 # Dense peak TFLOP/s by (device-name fragment, precision); tensor-core numbers for bf16/fp16, TF32 for fp32.
 _PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
@@ -81,7 +88,7 @@ def branch_layout(num_branches: int, ssl: bool) -> dict[str, dict[str, list[Any]
 
 
 class TrainLogger:
-    """Rank-0 TensorBoard writer with object-store sync; a no-op on other ranks."""
+    """Rank-0 TensorBoard writer with object-store sync; a no-op on other ranks (see the module doc)."""
 
     def __init__(
         self,
@@ -94,22 +101,26 @@ class TrainLogger:
         self.url = url.rstrip("/")
         self.sync_every_s = sync_every_s
         self._last_sync = time.monotonic()
-        self.writer = None
-        self._jsonl = None
+        self._uploaded: dict[str, tuple[int, int]] = {}  # relative name -> (size, mtime_ns) on the store
+        self.writer: Any = None  # torch.utils.tensorboard.SummaryWriter on rank 0, while open
+        self._jsonl: IO[str] | None = None
+        self.local_dir = ""  # where the event files are written (a TMPDIR folder for remote URLs)
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
-        self.is_local = "file" in protocols or "local" in protocols
-        self.local_dir = self.root if self.is_local else tempfile.mkdtemp(prefix="tensorboard-")
-        os.makedirs(self.local_dir, exist_ok=True)
-        if not self.is_local:  # continue the remote run's files (resume): bring them down first
+        self.storage = Storage(self.url, storage_options)
+        if self.storage.is_local:
+            self.local_dir = self.storage.path("")
+            os.makedirs(self.local_dir, exist_ok=True)
+        else:  # continue the remote run's files (resume): bring them down first
+            self.local_dir = tempfile.mkdtemp(prefix="tensorboard-")
             try:
-                self.fs.get(self.root + "/", self.local_dir + "/", recursive=True)
-            except FileNotFoundError:
-                pass
+                self.storage.get_tree("", self.local_dir)
+            except BaseException:
+                shutil.rmtree(self.local_dir, ignore_errors=True)
+                raise
+            self._uploaded = {name: _signature(path) for name, path in self._local_files().items()}
         self.writer = SummaryWriter(log_dir=self.local_dir, flush_secs=30)
         self._jsonl = open(os.path.join(self.local_dir, "scalars.jsonl"), "a")
 
@@ -137,38 +148,65 @@ class TrainLogger:
             self.writer.add_text(tag, text, global_step=step)
 
     def _maybe_sync(self) -> None:
-        if not self.is_local and time.monotonic() - self._last_sync > self.sync_every_s:
+        if time.monotonic() - self._last_sync > self.sync_every_s:
             self.sync()
 
-    def sync(self) -> None:
-        """Flush and (for a remote URL) upload the event files."""
+    def sync(self) -> bool:
+        """Flush and (remote URL) upload the files changed since the last upload. Never raises for storage
+        errors: a failed upload is logged and retried by the next sync. True when the store is up to date."""
         if self.writer is None:
-            return
+            return True
         self.writer.flush()
-        if self.is_local:
-            return
-        for dirpath, _, filenames in os.walk(self.local_dir):
-            for filename in filenames:
-                source = os.path.join(dirpath, filename)
-                relative = os.path.relpath(source, self.local_dir).replace(os.sep, "/")
-                self.fs.put_file(source, f"{self.root}/{relative}")
+        assert self._jsonl is not None
+        self._jsonl.flush()
         self._last_sync = time.monotonic()
+        return self._upload()
 
     def close(self) -> None:
+        """Close the writer, upload everything (retried) and only then delete the local folder."""
         if self.writer is None:
             return
-        self.sync()
         self.writer.close()
         assert self._jsonl is not None
         self._jsonl.close()
-        if not self.is_local:
-            self.sync_closed()
+        self.writer = None
+        if self.storage.is_local:
+            return
+        if self._upload():
+            shutil.rmtree(self.local_dir, ignore_errors=True)
+        else:
+            log.warning("TensorBoard files of %s could not be uploaded; they are kept in %s (copy them there by "
+                        "hand: the files only grow, so a later copy is complete)", self.url, self.local_dir)
 
-    def sync_closed(self) -> None:
+    def _local_files(self) -> dict[str, str]:
+        """Relative name (``/``-separated) -> local path of every file in the local folder."""
+        files = {}
         for dirpath, _, filenames in os.walk(self.local_dir):
             for filename in filenames:
-                source = os.path.join(dirpath, filename)
-                relative = os.path.relpath(source, self.local_dir).replace(os.sep, "/")
-                self.fs.put_file(source, f"{self.root}/{relative}")
-        shutil.rmtree(self.local_dir, ignore_errors=True)
-        self.writer = None
+                path = os.path.join(dirpath, filename)
+                files[os.path.relpath(path, self.local_dir).replace(os.sep, "/")] = path
+        return files
+
+    def _upload(self) -> bool:
+        """Upload every local file that changed since its last upload; False (and a warning) if the store stayed
+        unreachable for the whole retry budget or refused a file (the rest waits for the next attempt)."""
+        if self.storage.is_local:
+            return True
+        for name, path in sorted(self._local_files().items()):
+            signature = _signature(path)
+            if self._uploaded.get(name) == signature:
+                continue
+            try:
+                self.storage.put_file(path, name)
+            except OSError as error:
+                log.warning("TensorBoard upload to %s failed, retried at the next sync: %s",
+                            self.storage.url_of(name), error)
+                return False
+            self._uploaded[name] = signature
+        return True
+
+
+def _signature(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a local file: it changed when either did."""
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns

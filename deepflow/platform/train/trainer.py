@@ -21,17 +21,17 @@ import resource
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from deepflow.artifacts import ModelCard, write_export
 from deepflow.models.conditions import condition_from_batch
 from deepflow.platform.train.checkpoint import (
     CheckpointManager,
     PreemptionHandler,
     capture_rng_state,
-    export_weights,
     restore_rng_state,
 )
 from deepflow.platform.train.config import RunConfig, config_to_yaml, resolve_model_for_dataset, save_config
@@ -43,8 +43,12 @@ from deepflow.platform.train.distributed import (
     step_generator,
 )
 from deepflow.platform.train.ema import ShardedEMA
-from deepflow.platform.train.engines import Engine, build_engine
+from deepflow.platform.train.engines import Engine, build_engine, engine_class
 from deepflow.platform.train.tb_logging import TrainLogger, branch_layout, console_logger, peak_tflops_for
+from deepflow.storage import join_url
+
+if TYPE_CHECKING:
+    from deepflow.data_pipeline.loader import ShardLoader
 
 __all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "train"]
 
@@ -68,7 +72,7 @@ def _build_model(cfg: RunConfig) -> torch.nn.Module:
     return create_model(cfg.model.name, **cfg.model.create_kwargs())
 
 
-def _build_loader(cfg: RunConfig, ctx: DistContext) -> Any:
+def _build_loader(cfg: RunConfig, ctx: DistContext) -> ShardLoader:
     from deepflow.data_pipeline.loader import ShardLoader
 
     if not cfg.data.url:
@@ -112,7 +116,7 @@ class Trainer:
         self.loader = _build_loader(cfg, ctx)
         # text models: context_dim / pooled_dim come from (and are checked against) the dataset manifest; the
         # resolved values travel in the saved config, checkpoints and the export
-        cfg = resolve_model_for_dataset(cfg, getattr(self.loader, "manifest", None))
+        cfg = resolve_model_for_dataset(cfg, self.loader.manifest)
         self.cfg = cfg
         self.config_yaml = config_to_yaml(cfg)
         model = _build_model(cfg)
@@ -168,7 +172,7 @@ class Trainer:
         if cfg.eval.every > 0:
             from deepflow.platform.train.periodic_eval import Evaluator
 
-            self.evaluator = Evaluator(cfg, ctx, self.logger, manifest=getattr(self.loader, "manifest", None))
+            self.evaluator = Evaluator(cfg, ctx, self.logger, manifest=self.loader.manifest)
         self.step = 0
         self.consecutive_nonfinite = 0
         self.skipped: list[int] = []
@@ -182,11 +186,26 @@ class Trainer:
             "skipped": self.skipped[-100:],
         }
 
-    def save_checkpoint(self, blocking: bool | None = None) -> float:
-        stall = self.checkpoints.save(
-            self.step, self.engine, self.ema, self._rank_state(), self.config_yaml, blocking=blocking
+    def model_card(self) -> ModelCard:
+        """What rebuilds this run's model from its weights (checkpoint ``model.json``, export ``export.json``)."""
+        return ModelCard.for_dataset(
+            self.cfg.model.name,
+            self.cfg.model.create_kwargs(),
+            self.loader.manifest,
+            step=self.step,
+            ema=self.ema is not None,
+            data_url=self.cfg.data.url,
         )
-        self.log.info(f"checkpoint step {self.step} -> {self.checkpoints.step_path(self.step)} (stall {stall:.2f}s)")
+
+    def save_checkpoint(self, blocking: bool | None = None) -> float:
+        """Collective: checkpoint the current step, then upload TensorBoard up to it (so that a resume from this
+        checkpoint finds every earlier step on the store)."""
+        stall = self.checkpoints.save(
+            self.step, self.engine, self.ema, self._rank_state(), self.config_yaml,
+            card=self.model_card() if self.ctx.is_main else None, blocking=blocking,
+        )
+        self.log.info(f"checkpoint step {self.step} -> {self.checkpoints.step_url(self.step)} (stall {stall:.2f}s)")
+        self.logger.sync()
         return stall
 
     def resume(self) -> None:
@@ -200,7 +219,7 @@ class Trainer:
         restore_rng_state(state["rng"])
         self.skipped = list(state.get("skipped", []))
         self.step = latest
-        self.log.info(f"resumed from {self.checkpoints.step_path(latest)}")
+        self.log.info(f"resumed from {self.checkpoints.step_url(latest)}")
 
     # ------------------------------------------------------------------------------------------ loop
     def _lr(self, step: int) -> float:
@@ -281,7 +300,7 @@ class Trainer:
         cfg = self.cfg
         self.resume()
         if self.ctx.is_main and self.step == 0:
-            save_config(cfg, cfg.run.output_dir.rstrip("/") + "/config.yaml", cfg.output_storage_options())
+            save_config(cfg, join_url(cfg.run.output_dir, "config.yaml"), cfg.output_storage_options())
             self.logger.set_layout(branch_layout(self.num_branches, cfg.model.ssl_align))
             self.logger.text("config", "```\n" + self.config_yaml + "\n```")
         preempt = PreemptionHandler()
@@ -317,7 +336,7 @@ class Trainer:
                     self.save_checkpoint(blocking=True)
                     raise NonFiniteLossError(
                         f"loss was NaN/inf for {self.consecutive_nonfinite} consecutive steps (up to step "
-                        f"{self.step}); stopped. The last good weights are in {self.checkpoints.step_path(self.step)}"
+                        f"{self.step}); stopped. The last good weights are in {self.checkpoints.step_url(self.step)}"
                     )
                 if self.evaluator is not None and self.step % cfg.eval.every == 0:
                     self.evaluate()
@@ -338,9 +357,7 @@ class Trainer:
         finally:
             preempt.restore()
             self.logger.close()
-            close_loader = getattr(self.loader, "close", None)
-            if close_loader is not None:
-                close_loader()
+            self.loader.close()
         result.final_step = self.step
         result.skipped_steps = list(self.skipped)
         return result
@@ -409,29 +426,17 @@ class Trainer:
         return self.evaluator.run(weights, self.step)
 
     def export(self) -> None:
+        """Collective: the EMA weights (live weights without EMA) + model card to ``<run.output_dir>/export``."""
         weights = self.ema_weights()
         if self.ctx.is_main and weights is not None:
-            url = self.cfg.run.output_dir.rstrip("/") + "/export"
-            export_weights(
-                weights,
-                url,
-                {
-                    "model": self.cfg.model.name,
-                    "kwargs": self.cfg.model.create_kwargs(),
-                    "step": self.step,
-                    "ema": self.ema is not None,
-                    "ema_decay": self.cfg.ema.decay,
-                    "manifest": self.loader.manifest.to_json(),
-                    "data_url": self.cfg.data.url,
-                },
-                self.cfg.output_storage_options(),
-            )
-            self.log.info(f"exported EMA weights to {url}/export.safetensors")
+            url = join_url(self.cfg.run.output_dir, "export")
+            written = write_export(url, weights, self.model_card(), self.cfg.output_storage_options())
+            self.log.info(f"exported EMA weights to {written}")
 
 
 def train(cfg: RunConfig, local_rank_arg: int | None = None) -> TrainResult:
     """Full lifecycle on this process: process group, trainer, run, clean shutdown."""
-    require_group = cfg.distributed.engine in ("fsdp", "deepspeed")
+    require_group = engine_class(cfg.distributed.engine).requires_process_group
     ctx = init_distributed(
         cfg.distributed.backend, cfg.distributed.timeout_minutes, local_rank_arg, require_group=require_group
     )

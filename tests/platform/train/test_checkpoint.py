@@ -1,10 +1,13 @@
 """CheckpointManager with a real (single-process) DDP engine: commit marker, newest-committed resume, retention,
-asynchronous saving, object-store staging on the moto S3 server, RNG round trip, safetensors export."""
+asynchronous saving, object-store staging on the moto S3 server (no staging folder left behind, also when the
+upload fails), the model card that makes a checkpoint folder loadable by ``artifacts.load_weights``, RNG round
+trip, and the export through ``artifacts.write_export``."""
 
 from __future__ import annotations
 
 import json
 import random
+import tempfile
 from pathlib import Path
 
 import fsspec
@@ -13,18 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from deepflow.artifacts import ModelCard, load_weights, write_export
 from deepflow.models import create_model
 from deepflow.models.flow import FlowObjective
-from deepflow.platform.train.checkpoint import (
-    CheckpointManager,
-    capture_rng_state,
-    export_weights,
-    restore_rng_state,
-)
+from deepflow.platform.train.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from deepflow.platform.train.config import load_config
-from deepflow.platform.train.distributed import DistContext, step_generator
+from deepflow.platform.train.distributed import DistContext, init_distributed, step_generator
 from deepflow.platform.train.ema import ShardedEMA
-from deepflow.platform.train.engines import build_engine
+from deepflow.platform.train.engines import ENGINES, Engine, build_engine, engine_class, optimizer_settings
+from deepflow.platform.train.engines.ddp import DDPEngine
 
 CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
 
@@ -115,7 +115,7 @@ def test_object_store_checkpoint_and_export(s3_server, tmp_path: Path) -> None: 
     assert reader.load(2, fresh, fresh_ema)["loader"] == {"epoch": 0}
     assert _train(fresh, fresh_ema, range(3, 5)) == reference
 
-    export_weights(fresh_ema.state_dict(), f"{bucket}/run/export", {"model": "DeepFlow-S/2-2T", "step": 4}, options)
+    write_export(f"{bucket}/run/export", fresh_ema.state_dict(), ModelCard(model="DeepFlow-S/2-2T", step=4), options)
     with fs.open(f"{bucket}/run/export/export.safetensors", "rb") as handle:
         (tmp_path / "e.safetensors").write_bytes(handle.read())
     exported = load_file(str(tmp_path / "e.safetensors"))
@@ -141,3 +141,127 @@ def test_world_size_mismatch_is_reported(tmp_path: Path) -> None:
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "world_size": 4}))
     with pytest.raises(RuntimeError, match="written by 4 ranks"):
         manager.load(1, engine, ema)
+
+
+def test_checkpoint_folder_holds_a_model_card_for_load_weights(tmp_path: Path) -> None:
+    engine, ema = _engine_and_ema()
+    _train(engine, ema, range(1, 3))
+    manager = CheckpointManager(str(tmp_path / "ckpt"), CTX)
+    card = ModelCard(model="DeepFlow-S/2-2T", kwargs={"depth": 2}, step=2, ema=True)
+    manager.save(2, engine, ema, {}, "", card=card)
+    weights, loaded = load_weights(str(tmp_path / "ckpt"))  # the checkpoints folder -> newest committed step
+    assert loaded.model == "DeepFlow-S/2-2T" and loaded.step == 2 and loaded.kwargs == {"depth": 2}
+    assert weights.keys() == ema.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in ema.state_dict().items())
+    assert load_weights(manager.step_url(2))[1] == loaded  # a step folder directly
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_failed_upload_leaves_no_staging_folder(s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                async_save: bool) -> None:  # noqa: ANN001
+    staging_root = tmp_path / "tmp"
+    staging_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging_root))
+    engine, ema = _engine_and_ema()
+    manager = CheckpointManager("s3://no-such-bucket-here/ckpt", CTX, async_save=async_save,
+                                storage_options=s3_server.storage_options)
+    with pytest.raises((FileNotFoundError, RuntimeError)) as raised:
+        manager.save(1, engine, ema, {}, "")
+        manager.wait()  # the asynchronous writer's error surfaces here
+    assert "no-such-bucket-here" in str(raised.value) + str(raised.value.__cause__)
+    assert manager.pending is None and list(staging_root.iterdir()) == []
+
+
+def test_object_store_save_and_resume_leave_no_staging_folder(s3_server, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    staging_root = tmp_path / "tmp"
+    staging_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging_root))
+    bucket = s3_server.make_bucket("platform-checkpoint-staging")
+    engine, ema = _engine_and_ema()
+    manager = CheckpointManager(f"{bucket}/ckpt", CTX, storage_options=s3_server.storage_options)
+    manager.save(1, engine, ema, {"loader": {"pos": 1}}, "")
+    assert list(staging_root.iterdir()) == []
+    assert manager.load(1, engine, ema) == {"loader": {"pos": 1}}
+    assert list(staging_root.iterdir()) == []
+
+
+class _SyncOnlyDDP(DDPEngine):
+    """A DDP engine that, like DeepSpeed, cannot save asynchronously."""
+
+    def async_save(self, local_dir: str) -> None:
+        return None
+
+
+def test_engine_without_async_save_is_saved_synchronously(tmp_path: Path) -> None:
+    cfg = load_config(None, ["data.global_batch_size=8"])
+    torch.manual_seed(0)
+    model = create_model("DeepFlow-S/2-2T", depth=2, hidden_size=32, num_heads=2, input_size=8, in_channels=1,
+                         num_classes=10, acc_widths=(16, 16, 16))
+    engine = _SyncOnlyDDP(model, optimizer_settings(cfg, 1), CTX)
+    manager = CheckpointManager(str(tmp_path), CTX, async_save=True)
+    manager.save(1, engine, None, {}, "")
+    assert manager.pending is None and manager.committed_steps() == [1]  # committed at once, no writer thread
+
+
+def test_engine_registry_and_interface() -> None:
+    assert set(ENGINES) == {"ddp", "fsdp", "deepspeed"}
+    assert all(engine_class(name).name == name for name in ENGINES)
+    assert {name: cls.requires_process_group for name, cls in ENGINES.items()} == {
+        "ddp": False, "fsdp": True, "deepspeed": True}
+    assert ENGINES["deepspeed"].async_save is Engine.async_save  # DeepSpeed saves synchronously only
+    with pytest.raises(ValueError, match="distributed.engine: unknown engine 'megatron'"):
+        engine_class("megatron")
+    engine, _ = _engine_and_ema()
+    assert isinstance(engine, DDPEngine) and not engine.sharded_params
+
+
+def _failing_rank_worker(rank: int, root: str, port: int) -> None:
+    """Rank 1's upload fails, in a synchronous save (step 1) and an asynchronous one (step 2): no rank may commit
+    and every rank raises (rather than rank 0 committing without rank 1's files, or waiting in a barrier)."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    ctx = init_distributed(backend="gloo")
+    cfg = load_config(None, ["data.global_batch_size=8"])
+    torch.manual_seed(0)
+    model = create_model("DeepFlow-S/2-2T", depth=2, hidden_size=32, num_heads=2, input_size=8, in_channels=1,
+                         num_classes=10, acc_widths=(16, 16, 16))
+    engine = build_engine(cfg, model, ctx)
+    manager = CheckpointManager(root, ctx)
+    if rank == 1:
+        def broken(*args: object) -> None:
+            raise ConnectionError("upload failed on rank 1")
+
+        manager._write_and_upload = broken  # type: ignore[method-assign]
+    outcomes = []
+    for step, blocking in ((1, True), (2, False)):
+        manager.async_save = not blocking
+        try:
+            manager.save(step, engine, None, {}, "", blocking=blocking)
+            manager.wait()
+            outcomes.append("no error")
+        except RuntimeError as error:
+            outcomes.append(str(error))
+    Path(root, f"outcome-{rank}.json").write_text(json.dumps(outcomes))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_rank_whose_upload_fails_stops_the_commit_on_every_rank(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_failing_rank_worker, args=(str(tmp_path), port), nprocs=2, join=True)
+    for rank, where in ((0, " on another rank"), (1, "")):
+        assert json.loads((tmp_path / f"outcome-{rank}.json").read_text()) == [
+            f"checkpoint of step {step} failed{where}; it is not committed" for step in (1, 2)]
+    assert not list(tmp_path.glob("step-*/COMMIT"))

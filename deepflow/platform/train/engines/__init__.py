@@ -1,14 +1,36 @@
-"""Training engines: one small interface (:class:`Engine`), three implementations (ddp, fsdp, deepspeed)."""
+"""Training engines: one interface (:class:`Engine`), a registry of implementations (ddp, fsdp, deepspeed).
+
+Adding an engine = one :class:`Engine` subclass with a unique ``name``, listed in :data:`ENGINES` (the run config
+accepts every name listed here); the trainer and the checkpoint manager read everything else (process-group needs, sharding, async saving) from the interface.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
-from deepflow.platform.train.config import RunConfig
 from deepflow.platform.train.distributed import DistContext
-from deepflow.platform.train.engines.base import Engine, OptimizerSettings
+from deepflow.platform.train.engines.base import AsyncSave, Engine, OptimizerSettings
+from deepflow.platform.train.engines.ddp import DDPEngine
+from deepflow.platform.train.engines.deepspeed import DeepSpeedEngine
+from deepflow.platform.train.engines.fsdp import FSDPEngine
 
-__all__ = ["Engine", "OptimizerSettings", "build_engine", "optimizer_settings"]
+if TYPE_CHECKING:  # the config validates engine names against ENGINES: no runtime import back
+    from deepflow.platform.train.config import RunConfig
+
+__all__ = ["ENGINES", "AsyncSave", "Engine", "OptimizerSettings", "build_engine", "engine_class", "optimizer_settings"]
+
+#: ``distributed.engine`` name -> engine class (the DeepSpeed package itself is imported only when one is built)
+ENGINES: dict[str, type[Engine]] = {engine.name: engine for engine in (DDPEngine, FSDPEngine, DeepSpeedEngine)}
+
+
+def engine_class(name: str) -> type[Engine]:
+    """The registered engine called ``name``; a ValueError naming ``distributed.engine`` otherwise."""
+    try:
+        return ENGINES[name]
+    except KeyError:
+        raise ValueError(f"distributed.engine: unknown engine {name!r} (known: {', '.join(sorted(ENGINES))})") from None
 
 
 def optimizer_settings(cfg: RunConfig, world_size: int) -> OptimizerSettings:
@@ -32,22 +54,9 @@ def build_engine(cfg: RunConfig, model: nn.Module, ctx: DistContext) -> Engine:
 
     Activation checkpointing (``model.gradient_checkpointing``) is switched on here, before any wrapping.
     """
+    cls = engine_class(cfg.distributed.engine)
     if cfg.model.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing"):
             raise ValueError("model.gradient_checkpointing: this model has no gradient_checkpointing switch")
         model.gradient_checkpointing = True
-    settings = optimizer_settings(cfg, ctx.world_size)
-    kind = cfg.distributed.engine
-    if kind == "ddp":
-        from deepflow.platform.train.engines.ddp import DDPEngine
-
-        return DDPEngine(model, settings, ctx)
-    if kind == "fsdp":
-        from deepflow.platform.train.engines.fsdp import FSDPEngine
-
-        return FSDPEngine(model, settings, ctx)
-    if kind == "deepspeed":
-        from deepflow.platform.train.engines.deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, settings, ctx)
-    raise ValueError(f"distributed.engine: unknown engine {kind!r}")
+    return cls(model, optimizer_settings(cfg, ctx.world_size), ctx)

@@ -11,6 +11,11 @@ One training step with gradient accumulation ``A`` is::
 
 Checkpoints: ``save(local_dir)`` / ``load(local_dir)`` are collective and write or read engine-specific files in a
 LOCAL directory (each rank its own files); the checkpoint manager stages them to and from object stores.
+``async_save(local_dir)`` starts a save that the loop does not wait for: it returns an :class:`AsyncSave` whose
+``finish()`` (run in a background thread, no collectives) completes the files, or None when the engine cannot save
+asynchronously (the caller then calls ``save``); the answer is the same on every rank.
+Launch needs: ``requires_process_group`` (a 1-process run still gets a 1-rank group); ``sharded_params`` (each
+rank holds a different slice of the weights, so each rank checkpoints its own EMA slice).
 EMA: ``named_local_params()`` gives this rank's slice of every parameter (the full tensor when not sharded, the
 FSDP2 DTensor local shard, or the ZeRO-3 partition); ``gather_full(local)`` turns such slices back into full
 tensors on rank 0 (a collective). ``full_state_dict()`` = ``gather_full(named_local_params())``.
@@ -19,10 +24,9 @@ tensors on rank 0 (a collective). ``full_state_dict()`` = ``gather_full(named_lo
 from __future__ import annotations
 
 import contextlib
-import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,7 +34,7 @@ from torch import nn
 from deepflow.models.conditions import Condition
 from deepflow.platform.train.distributed import DistContext
 
-__all__ = ["Engine", "OptimizerSettings", "PRECISION_DTYPES", "build_adamw"]
+__all__ = ["AsyncSave", "Engine", "OptimizerSettings", "PRECISION_DTYPES", "build_adamw", "shard_units"]
 
 PRECISION_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -82,19 +86,43 @@ def build_adamw(params: Any, settings: OptimizerSettings) -> torch.optim.AdamW:
     )
 
 
-class Engine(ABC):
-    """A wrapped model + optimizer. Subclasses: DDPEngine, FSDPEngine, DeepSpeedEngine."""
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The model's units for FSDP2 sharding / per-block compilation: its own ``shard_units()`` list, else the
+    children of its ``blocks`` ModuleList, else none."""
+    if hasattr(model, "shard_units"):
+        return list(model.shard_units())
+    blocks = getattr(model, "blocks", None)
+    return list(blocks) if isinstance(blocks, nn.ModuleList) else []
 
-    name: str = "base"
-    #: True when named_local_params() differ between ranks (each rank must save its own EMA slice).
-    sharded_params: bool = False
-    #: True when snapshot()/write_snapshot() implement an asynchronous save.
-    supports_snapshot: bool = False
+
+class AsyncSave:
+    """An engine save in flight: the state is already captured (copied to CPU, or staged by DCP); ``finish()``
+    writes the rest of the files. ``finish`` blocks, runs no collectives and may run in a background thread."""
+
+    def __init__(self, finish: Callable[[], Any]) -> None:
+        self._finish = finish
+
+    def finish(self) -> None:
+        self._finish()
+
+
+class Engine(ABC):
+    """A wrapped model + optimizer. Subclasses (registered in ``engines.ENGINES`` by ``name``): DDPEngine,
+    FSDPEngine, DeepSpeedEngine."""
+
+    #: the registry key (``distributed.engine``); also recorded in checkpoint metadata
+    name: ClassVar[str] = "base"
+    #: True when the engine needs torch.distributed initialised even for a single process
+    requires_process_group: ClassVar[bool] = False
+    #: the ``precision`` values this engine trains in (checked by the run config before anything starts)
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16", "fp16")
 
     def __init__(self, model: nn.Module, settings: OptimizerSettings, ctx: DistContext) -> None:
         self.model = model  # the unwrapped module (its parameters may be sharded in place)
         self.settings = settings
         self.ctx = ctx
+        #: True when named_local_params() differ between ranks (each rank must save its own EMA slice)
+        self.sharded_params = False
         self.module: nn.Module = model  # what forward goes through; subclasses replace it with the wrapper
         self.optimizer: torch.optim.Optimizer | Any = None
 
@@ -153,17 +181,11 @@ class Engine(ABC):
     def load(self, local_dir: str) -> None:
         """Collective: restore model + optimizer state written by :meth:`save` (files of all ranks present)."""
 
-    def snapshot(self) -> Any:
-        """Copy model + optimizer state to CPU for an asynchronous save; None if unsupported."""
+    def async_save(self, local_dir: str) -> AsyncSave | None:
+        """Collective: capture model + optimizer state now and return the save in flight (its ``finish()`` writes
+        into ``local_dir``); None when this engine saves only synchronously (then call :meth:`save`). Every rank
+        gives the same kind of answer (a rank with nothing to write returns a handle that does nothing)."""
         return None
-
-    def write_snapshot(self, snapshot: Any, local_dir: str) -> None:
-        """Write a snapshot taken by :meth:`snapshot` (may run in a background thread: no collectives)."""
-        raise NotImplementedError(f"{self.name} engine has no asynchronous save")
 
     def finalize(self) -> None:
         """Release resources (async checkpoint process groups ...)."""
-
-
-def finite(value: float) -> bool:
-    return math.isfinite(value)

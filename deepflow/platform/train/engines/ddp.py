@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from deepflow.models.conditions import Condition
 from deepflow.platform.train.distributed import DistContext
-from deepflow.platform.train.engines.base import Engine, OptimizerSettings, build_adamw
+from deepflow.platform.train.engines.base import AsyncSave, Engine, OptimizerSettings, build_adamw
 
 __all__ = ["DDPEngine"]
 
@@ -36,10 +36,18 @@ def _cpu_copy(value: Any) -> Any:
     return value
 
 
+def _write_state(state: dict[str, Any], local_dir: str) -> None:
+    """``model.safetensors`` + ``optimizer.pt`` (optimizer and grad-scaler state) from a CPU copy of the state."""
+    os.makedirs(local_dir, exist_ok=True)
+    save_file(state["model"], os.path.join(local_dir, "model.safetensors"))
+    torch.save({"optimizer": state["optimizer"], "scaler": state["scaler"]}, os.path.join(local_dir, "optimizer.pt"))
+
+
 class DDPEngine(Engine):
+    """Replicated parameters and optimizer state; asynchronous saves copy the state to CPU in the loop."""
+
     name = "ddp"
-    sharded_params = False
-    supports_snapshot = True
+    requires_process_group = False
 
     def __init__(self, model: nn.Module, settings: OptimizerSettings, ctx: DistContext) -> None:
         super().__init__(model, settings, ctx)
@@ -103,21 +111,16 @@ class DDPEngine(Engine):
 
     def save(self, local_dir: str) -> None:
         if self.ctx.is_main:
-            self.write_snapshot(_cpu_copy(self._state()), local_dir)
+            _write_state(_cpu_copy(self._state()), local_dir)
         self.ctx.barrier()
 
-    def snapshot(self) -> Any:
-        return _cpu_copy(self._state()) if self.ctx.is_main else None
-
-    def write_snapshot(self, snapshot: Any, local_dir: str) -> None:
-        if snapshot is None:
-            return
-        os.makedirs(local_dir, exist_ok=True)
-        save_file(snapshot["model"], os.path.join(local_dir, "model.safetensors"))
-        torch.save(
-            {"optimizer": snapshot["optimizer"], "scaler": snapshot["scaler"]},
-            os.path.join(local_dir, "optimizer.pt"),
-        )
+    def async_save(self, local_dir: str) -> AsyncSave:
+        """Rank 0 copies the state to CPU now (the loop may then change the weights) and writes it in ``finish``;
+        the other ranks have nothing to write."""
+        if not self.ctx.is_main:
+            return AsyncSave(lambda: None)
+        snapshot = _cpu_copy(self._state())
+        return AsyncSave(lambda: _write_state(snapshot, local_dir))
 
     def load(self, local_dir: str) -> None:
         weights = load_file(os.path.join(local_dir, "model.safetensors"), device=str(self.ctx.device))

@@ -24,7 +24,7 @@ from torch import nn
 
 from deepflow.models.conditions import Condition
 from deepflow.platform.train.distributed import DistContext
-from deepflow.platform.train.engines.base import Engine, OptimizerSettings, build_adamw
+from deepflow.platform.train.engines.base import Engine, OptimizerSettings, build_adamw, shard_units
 
 __all__ = ["DeepSpeedEngine", "deepspeed_config"]
 
@@ -66,7 +66,10 @@ def deepspeed_config(settings: OptimizerSettings, world_size: int) -> dict[str, 
 
 
 class DeepSpeedEngine(Engine):
+    """ZeRO-1/2/3 through ``deepspeed.initialize``; checkpoints are DeepSpeed's own (synchronous only)."""
+
     name = "deepspeed"
+    requires_process_group = True
 
     def __init__(self, model: nn.Module, settings: OptimizerSettings, ctx: DistContext) -> None:
         super().__init__(model, settings, ctx)
@@ -76,7 +79,7 @@ class DeepSpeedEngine(Engine):
         deepspeed.init_distributed(dist_backend=ctx.backend)
         model.to(ctx.device)
         if settings.compile:
-            for unit in getattr(model, "shard_units", lambda: list(getattr(model, "blocks", [])))():
+            for unit in shard_units(model):
                 unit.compile()
         optimizer = build_adamw([p for p in model.parameters() if p.requires_grad], settings)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
@@ -108,10 +111,6 @@ class DeepSpeedEngine(Engine):
     def skip_step(self) -> None:
         self.optimizer.zero_grad()
         self.ds.zero_grad()
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
     # ---------------------------------------------------------------------------------------------- EMA
     def named_local_params(self) -> dict[str, torch.Tensor]:

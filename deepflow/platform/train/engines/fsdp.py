@@ -25,21 +25,17 @@ from torch.distributed.tensor import DTensor
 
 from deepflow.models.conditions import Condition
 from deepflow.platform.train.distributed import DistContext
-from deepflow.platform.train.engines.base import Engine, OptimizerSettings, build_adamw
+from deepflow.platform.train.engines.base import AsyncSave, Engine, OptimizerSettings, build_adamw, shard_units
 
 __all__ = ["FSDPEngine"]
 
 
-def _shard_units(model: nn.Module) -> list[nn.Module]:
-    """The model's own list of units (``shard_units()``), else the children of its ``blocks`` ModuleList."""
-    if hasattr(model, "shard_units"):
-        return list(model.shard_units())
-    blocks = getattr(model, "blocks", None)
-    return list(blocks) if isinstance(blocks, nn.ModuleList) else []
-
-
 class FSDPEngine(Engine):
+    """FSDP2 sharded parameters and optimizer state; DCP checkpoints (asynchronous saves through DCP async_save)."""
+
     name = "fsdp"
+    requires_process_group = True
+    precisions = ("fp32", "bf16")  # FSDP2 MixedPrecisionPolicy: no loss scaling for fp16
 
     def __init__(self, model: nn.Module, settings: OptimizerSettings, ctx: DistContext) -> None:
         super().__init__(model, settings, ctx)
@@ -58,7 +54,7 @@ class FSDPEngine(Engine):
         else:
             unit_policy = root_policy = MixedPrecisionPolicy()
             self._input_dtype = None
-        for unit in _shard_units(model):
+        for unit in shard_units(model):
             if settings.compile:
                 unit.compile()
             fully_shard(unit, mesh=mesh, mp_policy=unit_policy)
@@ -129,12 +125,13 @@ class FSDPEngine(Engine):
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=local_dir)
 
-    def async_save(self, local_dir: str) -> Any:
-        """DCP asynchronous save (stages to CPU, writes in the background); returns a Future."""
+    def async_save(self, local_dir: str) -> AsyncSave:
+        """DCP asynchronous save: stages the shards to CPU now, writes them in the background (``finish`` waits)."""
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        return dcp.async_save(
+        future = dcp.async_save(
             {"model": model_state, "optimizer": optim_state}, checkpoint_id=local_dir, process_group=self._async_group
         )
+        return AsyncSave(future.result)
 
     def load(self, local_dir: str) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
