@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from deepflow.artifacts import ModelCard, write_export
+from deepflow.models import DeepFlowDiT, DeepFlowMMDiT
 from deepflow.models.conditions import condition_from_batch
 from deepflow.platform.train.checkpoint import (
     CheckpointManager,
@@ -90,15 +91,9 @@ def _build_loader(cfg: RunConfig, ctx: DistContext) -> ShardLoader:
     )
 
 
-def _train_flops_per_image(model: torch.nn.Module) -> float:
+def _train_flops_per_image(model: DeepFlowDiT | DeepFlowMMDiT) -> float:
     """FLOPs of one training step per image: 2 FLOPs per MAC x (forward + 2x for backward)."""
-    if not hasattr(model, "flops_per_image"):
-        return 0.0
-    try:
-        macs = model.flops_per_image(train=True, attention=True)
-    except TypeError:
-        macs = model.flops_per_image(train=True)
-    return 6.0 * float(macs)
+    return 6.0 * float(model.flops_per_image(train=True, attention=True))
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -120,19 +115,13 @@ class Trainer:
         self.cfg = cfg
         self.config_yaml = config_to_yaml(cfg)
         model = _build_model(cfg)
-        self.num_branches = int(getattr(model, "num_branches", 1))
-        self.is_text = getattr(model, "conditioning", "class") == "text"
-        model_classes = getattr(model, "num_classes", cfg.model.num_classes)
-        self.num_classes: int | None = None if model_classes is None else int(model_classes)
-        # the condition a dropped row gets: the empty caption's encoding (text) or the null class (num_classes)
-        self.null_condition: dict[str, torch.Tensor] | None = None
-        if self.is_text:
-            null_text = self.loader.null_text()
-            if null_text is None:
-                raise ValueError(
-                    f"data.url: {cfg.data.url} has no null text (text_null.safetensors) for {cfg.model.name}"
-                )
-            self.null_condition = {k: v.to(ctx.device) for k, v in null_text.items()}
+        spec = cfg.model.spec
+        self.num_branches = spec.num_branches
+        self.num_classes = cfg.model.num_classes if spec.takes_classes else 0
+        # the condition a dropped row gets: the dataset's empty-caption encoding (caption datasets; the config was
+        # checked against the manifest above) or, for class models, the null class num_classes (None here)
+        null_text = self.loader.null_text()
+        self.null_condition = None if null_text is None else {k: v.to(ctx.device) for k, v in null_text.items()}
         self.flops_per_image = _train_flops_per_image(model)
         from deepflow.models.flow import FlowObjective
 
@@ -142,7 +131,7 @@ class Trainer:
             betas=cfg.objective.betas,
             acc_weight=cfg.objective.acc_weight,
             proj_weight=cfg.objective.proj_weight,
-            label_dropout=float(getattr(model, "class_dropout", cfg.model.class_dropout)),
+            label_dropout=cfg.model.class_dropout,
         )
         self.engine: Engine = build_engine(cfg, model, ctx)
         self.ema = (
@@ -274,7 +263,7 @@ class Trainer:
                     generator,
                     ssl_targets=ssl_targets,
                     num_branches=self.num_branches,
-                    num_classes=self.num_classes if self.num_classes is not None else 0,
+                    num_classes=self.num_classes,
                     null_condition=self.null_condition,
                 )
                 loss = terms["total"]
