@@ -31,6 +31,7 @@ checkpoints folder (its newest committed step) and returns the weights with thei
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
@@ -39,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from deepflow.storage import Storage, join_url, split_url
+from deepflow.storage import Storage, join_url, read_url_text, split_url
 
 __all__ = [
     "CHECKPOINT_CONFIG_NAME",
@@ -319,6 +320,27 @@ class SampleSetLayout:
     @staticmethod
     def png(index: int) -> str:
         return f"png/{index:06d}.png"
+
+    @staticmethod
+    def read_captions(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+        """Captions of a sample set (caption i for sample i; ``captions.txt`` or any caption file): ``.json`` (a list
+        of strings, or {"captions": [...]}) or text (one caption per line, blank lines ignored)."""
+        raw = read_url_text(url, storage_options)
+        if url.endswith(".json"):
+            try:
+                data = json.loads(raw)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{url}: not valid JSON ({error})") from None
+            if isinstance(data, dict):
+                data = data.get("captions")
+            if not isinstance(data, list) or not all(isinstance(c, str) for c in data):
+                raise ValueError(f"{url}: expected a JSON list of caption strings (or {{\"captions\": [...]}})")
+            captions = data
+        else:
+            captions = [line.strip() for line in raw.splitlines() if line.strip()]
+        if not captions:
+            raise ValueError(f"{url}: no captions")
+        return captions
 
     @staticmethod
     def captions_url_for(samples_npz_url: str) -> str:

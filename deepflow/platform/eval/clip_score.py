@@ -12,7 +12,6 @@ Weights come from a local path or an open_clip pretrained tag given by the user;
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -22,9 +21,8 @@ from torch import Tensor, nn
 
 from deepflow.platform.eval.feature_extractors import resize_and_normalize
 from deepflow.platform.eval.inception import as_rgb_uint8
-from deepflow.storage import read_url_text
 
-__all__ = ["load_clip", "clip_preprocess", "clip_score_from_features", "clip_score", "ClipScorer", "read_captions"]
+__all__ = ["load_clip", "clip_preprocess", "clip_score_from_features", "clip_score", "ClipScorer"]
 
 Tokenizer = Callable[[list[str]], Tensor]
 
@@ -116,24 +114,3 @@ def clip_score(
 ) -> float:
     """Mean CLIP-S in [0, 100] of uint8 images [B, 3|1, H, W] against their B captions (see module docstring)."""
     return float(ClipScorer(model, tokenizer, batch_size)(images, captions).mean())
-
-
-def read_captions(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Captions of a sample batch, caption i for sample i, from any storage URL: ``.json`` (a list of strings, or
-    {"captions": [...]}) or text (one caption per line, blank lines ignored), as jobs/sample.py writes them."""
-    raw = read_url_text(url, storage_options)
-    if url.endswith(".json"):
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{url}: not valid JSON ({error})") from None
-        if isinstance(data, dict):
-            data = data.get("captions")
-        if not isinstance(data, list) or not all(isinstance(c, str) for c in data):
-            raise ValueError(f"{url}: expected a JSON list of caption strings (or {{\"captions\": [...]}})")
-        captions = data
-    else:
-        captions = [line.strip() for line in raw.splitlines() if line.strip()]
-    if not captions:
-        raise ValueError(f"{url}: no captions")
-    return captions

@@ -9,7 +9,7 @@ zip member in batches through :meth:`deepflow.storage.Storage.open_read` (a 50k 
 never unpickled.
 
 Entry points: :func:`evaluate_batch` (any list of extractors, reference optional for self-referenced ones),
-:func:`evaluate_samples` (one primary extractor + extra FDs, the original API), :func:`clip_score_samples`.
+:func:`clip_score_samples`.
 """
 from __future__ import annotations
 
@@ -47,7 +47,6 @@ __all__ = [
     "check_image_batch",
     "clip_score_samples",
     "evaluate_batch",
-    "evaluate_samples",
     "extract_features",
     "iter_npz_batches",
     "nhwc_uint8_to_nchw",
@@ -409,37 +408,6 @@ def evaluate_batch(
             if accuracy is not None:
                 key = "class_accuracy" if extractor.name == "classifier" else f"class_accuracy_{extractor.name}"
                 results[key] = accuracy
-    return results
-
-
-def evaluate_samples(
-    samples: ImageSource,
-    reference: ReferenceBatch | str,
-    extractor: FeatureExtractor,
-    *,
-    extra_extractors: Sequence[FeatureExtractor] = (),
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    k: int = 3,
-    split_size: int = 5000,
-    storage_options: dict | None = None,
-    fd_method: FdMethod = "sqrtm",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Evaluate a batch of samples (uint8 NHWC array/tensor or .npz URL) against a reference.
-
-    With the Inception extractor: {"fid", "sfid", "inception_score", "precision", "recall"}; with another
-    extractor: {"fd_<name>", "precision_<name>", "recall_<name>"}; plus "fd_<name>" for each extra extractor and
-    "num_samples". Precision/recall need reference images; without them they are omitted (a warning says so).
-    ``fd_method``: "sqrtm" (ADM, default) or "eigh" (same value, ~5x faster on CPU; see ``frechet_distance``).
-    """
-    results = evaluate_batch(
-        samples, [extractor, *extra_extractors], _as_reference(reference, storage_options, progress),
-        batch_size=batch_size, device=device, k=k, split_size=split_size, storage_options=storage_options,
-        fd_method=fd_method, progress=progress, precision_recall_for=(extractor.name,),
-    )
-    for used in (extractor, *extra_extractors):
-        results.pop(f"reference_{used.name}", None)
     return results
 
 

@@ -230,13 +230,13 @@ def _check_inputs(cfg: EvaluateConfig) -> tuple[ReferenceBatch | None, np.ndarra
 
 def clip_results(cfg: EvaluateConfig, device: str) -> dict[str, Any]:
     """CLIP score of the samples against ``clip.captions`` (default: captions.txt beside the samples)."""
-    from deepflow.platform.eval.clip_score import ClipScorer, load_clip, read_captions
+    from deepflow.platform.eval.clip_score import ClipScorer, load_clip
 
     options = cfg.storage_options or None
     captions_url = cfg.clip.captions or SampleSetLayout.captions_url_for(cfg.samples)
     with _field("clip.captions"):
         try:
-            captions = read_captions(captions_url, options)
+            captions = SampleSetLayout.read_captions(captions_url, options)
         except FileNotFoundError:
             hint = "" if cfg.clip.captions else " (the default: captions.txt beside the samples); give --captions"
             raise ValueError(f"{captions_url}: not found{hint}") from None

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepflow.artifacts import Manifest, ModelCard
+from deepflow.artifacts import Manifest, ModelCard, SampleSetLayout
 from deepflow.models.conditions import condition_to
 from deepflow.platform.inference import prompts
 from deepflow.storage import read_url_bytes
@@ -198,7 +198,7 @@ def _caption_plan(
             raise ValueError("dataset: captions 'dataset' needs the caption dataset URL, and the model card names none")
         listed = prompts.dataset_captions(data_url, num_samples, data_options)
     else:
-        listed = prompts.read_caption_file(spec, storage_options(spec))
+        listed = SampleSetLayout.read_captions(spec, storage_options(spec))
     chosen = [listed[i % len(listed)] for i in range(num_samples)]
     try:
         encoder_config = prompts.text_encoder_config(manifest)

@@ -17,7 +17,6 @@ The null condition for classifier-free guidance is the empty caption's encoding 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,7 @@ import torch
 from deepflow.artifacts import Manifest, TextFeatures, read_manifest
 from deepflow.data_pipeline.loader import read_shards, split_dataset_url
 from deepflow.models.conditions import TEXT_KEYS
-from deepflow.storage import Storage, read_url_text
+from deepflow.storage import Storage
 
 __all__ = [
     "Prompts",
@@ -38,7 +37,6 @@ __all__ = [
     "dataset_prompts",
     "dataset_captions",
     "normalize_caption",
-    "read_caption_file",
     "text_encoder_config",
     "encode_prompts",
 ]
@@ -164,24 +162,6 @@ def dataset_captions(
 def normalize_caption(caption: str) -> str:
     """One line: runs of whitespace (newlines included) become one space (for caption files)."""
     return " ".join(caption.split())
-
-
-def read_caption_file(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Captions from a file: ``.json`` (a list of strings, or {"captions": [...]}) or text (one caption per line,
-    blank lines ignored)."""
-    raw = read_url_text(url, storage_options)
-    if url.endswith(".json"):
-        data = json.loads(raw)
-        if isinstance(data, dict):
-            data = data.get("captions")
-        if not isinstance(data, list) or not all(isinstance(c, str) for c in data):
-            raise ValueError(f"{url}: expected a JSON list of caption strings (or {{\"captions\": [...]}})")
-        captions = data
-    else:
-        captions = [line.strip() for line in raw.splitlines() if line.strip()]
-    if not captions:
-        raise ValueError(f"{url}: no captions")
-    return captions
 
 
 def text_encoder_config(manifest: Manifest) -> Any:

@@ -99,7 +99,9 @@ def test_load_clip_from_a_local_checkpoint(tmp_path, tiny_clip):
 
 
 def test_read_captions_from_storage(tmp_path):
-    from deepflow.platform.eval.clip_score import read_captions
+    from deepflow.artifacts import SampleSetLayout
+
+    read_captions = SampleSetLayout.read_captions
     from deepflow.storage import write_url_text
 
     write_url_text("memory://captions-test/c.txt", "red apple\n\nblue heart\n")

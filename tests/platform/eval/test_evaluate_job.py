@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from deepflow.configuration import ConfigError
 from deepflow.platform.eval import job
-from deepflow.platform.eval.evaluator import ReferenceBatch, evaluate_samples, extract_features, iter_npz_batches
+from deepflow.platform.eval.evaluator import ReferenceBatch, evaluate_batch, extract_features, iter_npz_batches
 from deepflow.storage import write_url_bytes
 
 
@@ -97,7 +97,7 @@ def test_statistics_only_reference_and_identical_batches(job_run, tmp_path) -> N
     _write_npz(str(tmp_path / "stats.npz"), mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     reference = ReferenceBatch.load(str(tmp_path / "stats.npz"))
     assert reference.images is None
-    results = evaluate_samples(samples_url, reference, inception, fd_method="eigh")
+    results = evaluate_batch(samples_url, [inception], reference, fd_method="eigh", precision_recall_for=("inception",))
     assert results["fid"] == pytest.approx(0.0, abs=1e-3)
     assert results["sfid"] == pytest.approx(0.0, abs=1e-3)
     assert "precision" not in results and "recall" not in results  # no reference images

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepflow.artifacts import Manifest, ModelCard, read_manifest, write_export
+from deepflow.artifacts import Manifest, SampleSetLayout, ModelCard, read_manifest, write_export
 from deepflow.data_pipeline.config import load_config as load_precompute_config
 from deepflow.data_pipeline.precompute import run_precompute
 from deepflow.models import create_model
@@ -28,7 +28,6 @@ from deepflow.platform.inference.prompts import (
     dataset_captions,
     dataset_prompts,
     encode_prompts,
-    read_caption_file,
     read_null_text,
 )
 
@@ -109,12 +108,12 @@ def test_prompts_from_shards_files_and_reencoding(emoji_url: str, tmp_path: Path
     assert int(null["text_mask"].sum()) == 2  # [CLS] [SEP] of the empty caption
     # caption files
     (tmp_path / "c.txt").write_text("red apple\n\n  blue heart \n")
-    assert read_caption_file(str(tmp_path / "c.txt")) == ["red apple", "blue heart"]
+    assert SampleSetLayout.read_captions(str(tmp_path / "c.txt")) == ["red apple", "blue heart"]
     (tmp_path / "c.json").write_text(json.dumps({"captions": ["rocket"]}))
-    assert read_caption_file(str(tmp_path / "c.json")) == ["rocket"]
+    assert SampleSetLayout.read_captions(str(tmp_path / "c.json")) == ["rocket"]
     (tmp_path / "bad.json").write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError, match="list of caption strings"):
-        read_caption_file(str(tmp_path / "bad.json"))
+        SampleSetLayout.read_captions(str(tmp_path / "bad.json"))
 
 
 def test_model_config_is_resolved_and_checked_against_the_manifest(emoji_url: str, tmp_path: Path) -> None:
