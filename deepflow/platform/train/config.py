@@ -21,6 +21,7 @@ from pydantic import Field, field_validator, model_validator
 
 from deepflow.artifacts import Manifest
 from deepflow.models.registry import ModelSpec, model_spec
+from deepflow.platform.inference.generate import SamplerConfig
 from deepflow.configuration import ConfigError, ConfigSection, apply_overrides, load_validated, validate_tree
 from deepflow.storage import is_remote_url, write_url_text
 
@@ -209,15 +210,6 @@ class EMASection(_Section):
     every: int = Field(1, ge=1)
 
 
-class SamplerSection(_Section):
-    """Sampler used by in-training evaluation."""
-
-    method: Literal["sde", "euler", "heun"] = "sde"
-    steps: int = Field(250, ge=1)
-    cfg_scale: float = Field(1.0, ge=0.0)
-    guidance_interval: tuple[float, float] = (0.0, 1.0)
-
-
 class EvalSection(_Section):
     """Periodic evaluation: a sample grid and a Frechet distance in the features of ``extractor``; for text-to-image
     models the samples are conditioned on captions of the training shards and, with ``clip_model``, CLIP-scored."""
@@ -227,7 +219,7 @@ class EvalSection(_Section):
     batch_size: int = Field(64, ge=1)
     grid_size: int = Field(16, ge=1)
     all_ranks: bool = Field(False, description="split sampling and feature extraction over all ranks")
-    sampler: SamplerSection = Field(default_factory=SamplerSection)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="the sampler of the eval samples")
     extractor: str | None = Field(None, description="extractors.build_extractor kind; None: no Frechet distance")
     extractor_options: dict[str, Any] = Field(default_factory=dict)
     reference: str | None = Field(

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from deepflow.artifacts import Manifest
 from deepflow.platform.eval.extractors import LabelScorer, SelfReferencedExtractor, build_extractor
 from deepflow.platform.inference.conditions import dataset_plan
-from deepflow.platform.inference.generate import DecodeSpec, Decoder, SamplerConfig, generate, to_uint8
+from deepflow.platform.inference.generate import DecodeSpec, Decoder, generate, to_uint8
 from deepflow.platform.train.config import RunConfig, storage_options_for
 from deepflow.platform.train.distributed import DistContext
 from deepflow.platform.train.tb_logging import TrainLogger
@@ -89,7 +89,6 @@ class Evaluator:
         self.plan = dataset_plan(self.model, cfg.data.url, offset, count, cfg.data.resolved_storage_options(), manifest)
         spec = DecodeSpec.resolve(vae=cfg.eval.vae, manifest=manifest, in_channels=self.model.in_channels)
         self.decoder = Decoder(spec, ctx.device, cfg.eval.batch_size, field="eval.vae")
-        self.sampler = SamplerConfig.model_validate(cfg.eval.sampler.model_dump())
         if cfg.eval.clip_model:  # the config allows it for text models only
             from deepflow.platform.eval.clip_score import ClipScorer
 
@@ -159,7 +158,7 @@ class Evaluator:
         model, batch = self.model, self.cfg.eval.batch_size
         parts = [
             generate(model, self.plan, np.arange(start, min(start + batch, offset + count), dtype=np.int64),
-                     seed=self.cfg.run.seed, sampler=self.sampler, decoder=self.decoder)
+                     seed=self.cfg.run.seed, sampler=self.cfg.eval.sampler, decoder=self.decoder)
             for start in range(offset, offset + count, batch)
         ]
         indices = np.arange(offset, offset + count, dtype=np.int64)
