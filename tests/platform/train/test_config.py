@@ -13,7 +13,7 @@ import yaml
 
 from deepflow.platform.train.config import ConfigError, RunConfig, config_to_yaml, load_config, save_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 # Exact parameter counts of REFERENCE.md (32x32x4 latents, 1000 classes, no SSL projector).
 PAPER_PARAMS = {
