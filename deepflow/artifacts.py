@@ -52,6 +52,7 @@ __all__ = [
     "MANIFEST_NAME",
     "MODEL_CARD_NAME",
     "NULL_TEXT_NAME",
+    "SD_VAE_LATENT_SCALE",
     "CheckpointLayout",
     "Manifest",
     "ModelCard",
@@ -70,6 +71,8 @@ __all__ = [
 MANIFEST_NAME = "manifest.json"
 NULL_TEXT_NAME = "text_null.safetensors"
 MANIFEST_FORMAT = "deepflow-shards"
+#: the Stable Diffusion VAE's latent scale (latents are stored multiplied by it; samples divided by it to decode)
+SD_VAE_LATENT_SCALE = 0.18215
 
 
 class _Open(BaseModel):

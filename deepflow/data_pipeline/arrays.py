@@ -17,6 +17,7 @@ import numpy as np
 
 from .manifest import ChannelStats, done_marker_name, finalize
 from .shards import Block, build_shard, record_name, sha256_hex, shard_name
+from deepflow.artifacts import SD_VAE_LATENT_SCALE
 from deepflow.storage import Storage
 
 KIND_FIELDS = {"vae": ("mean", "std"), "pixel": ("pixels",)}
@@ -28,7 +29,7 @@ def write_array_dataset(
     labels: np.ndarray,
     kind: str = "vae",
     num_classes: int | None = None,
-    latent_scale: float = 0.18215,
+    latent_scale: float = SD_VAE_LATENT_SCALE,
     samples_per_shard: int = 1000,
     samples_per_block: int | None = None,
     storage_options: dict[str, Any] | None = None,
@@ -63,7 +64,7 @@ def write_array_dataset(
         storage.write_bytes(name, data)
         stats = ChannelStats()
         values = fields[stats_field][start:stop]
-        stats.update(values.astype(np.float32) / 127.5 - 1.0 if values.dtype == np.uint8 else values)
+        stats.update(values)
         storage.write_json(record_name(name), {"name": name, "num_samples": stop - start, "sha256": sha256_hex(data),
                                                "bytes": len(data), "skipped": [], "stats": stats.to_json(),
                                                "fingerprint": fingerprint})

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
+from deepflow.artifacts import SD_VAE_LATENT_SCALE
 from deepflow.configuration import ConfigError, ConfigSection, load_validated
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -118,7 +119,7 @@ class VaeEncoderConfig(Strict):
     random_init: dict[str, Any] | None = Field(
         None, description="build AutoencoderKL(**random_init) with random weights instead of loading (tests)"
     )
-    scale: float = 0.18215
+    scale: float = SD_VAE_LATENT_SCALE
     flip_copy: bool = Field(False, description="also store the posterior of the horizontally flipped image")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 

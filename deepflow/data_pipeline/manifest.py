@@ -45,8 +45,11 @@ class ChannelStats:
         self.count = 0
 
     def update(self, values: np.ndarray) -> None:
+        """Add ``values`` [n, C, ...]; uint8 pixels are measured as the model sees them, in [-1, 1]."""
         if values.ndim < 2 or values.shape[0] == 0:
             return
+        if values.dtype == np.uint8:
+            values = values.astype(np.float32) / 127.5 - 1.0
         as_float = values.astype(np.float64).swapaxes(0, 1).reshape(values.shape[1], -1)
         total, squares = as_float.sum(axis=1), np.square(as_float).sum(axis=1)
         if self.sum is None:

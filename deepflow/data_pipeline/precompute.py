@@ -285,7 +285,7 @@ class PrecomputeJob:
         stats = ChannelStats()
         if pending.keys:
             values = arrays[stats_field]
-            stats.update(values.astype(np.float32) / 127.5 - 1.0 if values.dtype == np.uint8 else values)
+            stats.update(values)
         data = build_shard(block, self.config.output.samples_per_block)
         self.storage.write_bytes(pending.name, data)
         record = {"name": pending.name, "num_samples": len(pending.keys), "sha256": sha256_hex(data),

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .encoders import to_unit_range
 from .preprocess import decode_image_bytes
 from .shards import Block, ShardError, concat_blocks, decode_shard, sha256_hex
 from deepflow.artifacts import Manifest
@@ -248,7 +249,7 @@ class SampleStream:
             if len(flipped):
                 pixels[flipped] = pixels[flipped][..., ::-1]
             tensor = torch.from_numpy(pixels)
-            x = tensor.float().div_(127.5).sub_(1.0) if tensor.dtype == torch.uint8 else tensor.float()
+            x = to_unit_range(tensor) if tensor.dtype == torch.uint8 else tensor.float()
         batch["x"] = x
         batch["y"] = torch.from_numpy(self._gather(pieces, "labels").astype(np.int64, copy=False))
         if self.has_text:

@@ -26,6 +26,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from deepflow.data_pipeline.encoders import to_unit_range
 from deepflow.platform.eval.metrics import feature_statistics, frechet_distance
 from deepflow.storage import join_url, read_url_bytes, url_exists, write_url_bytes
 
@@ -70,7 +71,7 @@ def _to_input(images: torch.Tensor | np.ndarray, channels: int, size: int) -> to
         x = x[:, None]
     if x.ndim != 4:
         raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
-    x = x.float() / 127.5 - 1.0
+    x = to_unit_range(x)
     if x.shape[1] != channels:
         if x.shape[1] == 3 and channels == 1:
             x = x.mean(dim=1, keepdim=True)

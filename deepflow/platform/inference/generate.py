@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
-from deepflow.artifacts import Manifest, ModelCard
+from deepflow.artifacts import SD_VAE_LATENT_SCALE, Manifest, ModelCard
 from deepflow.configuration import ConfigSection
 from deepflow.models import create_model
 from deepflow.models.sampling import sample
@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 #: Latent scale of the SD VAE (stabilityai/sd-vae-ft-*), used when neither the model nor its data records one.
-DEFAULT_LATENT_SCALE = 0.18215
+DEFAULT_LATENT_SCALE = SD_VAE_LATENT_SCALE
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
