@@ -23,7 +23,7 @@ from deepflow.platform.train.checkpoint import CheckpointManager, capture_rng_st
 from deepflow.platform.train.config import load_config
 from deepflow.platform.train.distributed import DistContext, init_distributed, step_generator
 from deepflow.platform.train.ema import ShardedEMA
-from deepflow.platform.train.engines import ENGINES, Engine, build_engine, engine_class, optimizer_settings
+from deepflow.platform.train.engines import build_engine, optimizer_settings
 from deepflow.platform.train.engines.ddp import DDPEngine
 
 CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
@@ -202,18 +202,6 @@ def test_engine_without_async_save_is_saved_synchronously(tmp_path: Path) -> Non
     manager = CheckpointManager(str(tmp_path), CTX, async_save=True)
     manager.save(1, engine, None, {}, "")
     assert manager.pending is None and manager.committed_steps() == [1]  # committed at once, no writer thread
-
-
-def test_engine_registry_and_interface() -> None:
-    assert set(ENGINES) == {"ddp", "fsdp", "deepspeed"}
-    assert all(engine_class(name).name == name for name in ENGINES)
-    assert {name: cls.requires_process_group for name, cls in ENGINES.items()} == {
-        "ddp": False, "fsdp": True, "deepspeed": True}
-    assert ENGINES["deepspeed"].async_save is Engine.async_save  # DeepSpeed saves synchronously only
-    with pytest.raises(ValueError, match="distributed.engine: unknown engine 'megatron'"):
-        engine_class("megatron")
-    engine, _ = _engine_and_ema()
-    assert isinstance(engine, DDPEngine) and not engine.sharded_params
 
 
 def _failing_rank_worker(rank: int, root: str, port: int) -> None:

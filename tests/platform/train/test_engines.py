@@ -1,0 +1,57 @@
+"""The engine registry and interface: names, process-group needs, precisions, asynchronous saving, and the run
+config accepting exactly the registered engines (with close matches for a typo)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepflow.configuration import ConfigError
+from deepflow.models import create_model
+from deepflow.platform.train.config import load_config
+from deepflow.platform.train.distributed import DistContext
+from deepflow.platform.train.engines import ENGINES, Engine, build_engine, engine_class
+from deepflow.platform.train.engines.ddp import DDPEngine
+
+CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
+
+
+def test_registry_and_interface() -> None:
+    assert set(ENGINES) == {"ddp", "fsdp", "deepspeed"}
+    assert all(engine_class(name).name == name for name in ENGINES)
+    assert {name: cls.requires_process_group for name, cls in ENGINES.items()} == {
+        "ddp": False, "fsdp": True, "deepspeed": True}
+    assert ENGINES["deepspeed"].async_save is Engine.async_save  # DeepSpeed saves synchronously only
+    assert ENGINES["ddp"].async_save is not Engine.async_save and ENGINES["fsdp"].async_save is not Engine.async_save
+    assert "fp16" not in ENGINES["fsdp"].precisions and "fp16" in ENGINES["deepspeed"].precisions
+    with pytest.raises(ValueError, match="distributed.engine: unknown engine 'megatron'"):
+        engine_class("megatron")
+
+
+def test_single_process_ddp_engine_steps_and_snapshots(tmp_path) -> None:  # noqa: ANN001
+    cfg = load_config(None, ["data.global_batch_size=4", "optim.lr=1e-2"])
+    torch.manual_seed(0)
+    model = create_model("SiT-S/2", depth=1, hidden_size=32, num_heads=2, input_size=4, in_channels=1, num_classes=3)
+    engine = build_engine(cfg, model, CTX)
+    assert isinstance(engine, DDPEngine) and not engine.sharded_params
+    before = {k: v.clone() for k, v in engine.named_local_params().items()}
+    with engine.micro_step(boundary=True):
+        out = engine.forward_train(torch.randn(4, 1, 4, 4), torch.rand(4, 1), torch.tensor([0, 1, 2, 0]))
+        engine.backward((out.velocities[-1] - 1.0).square().mean())  # zero-init heads: v = 0
+    grad_norm = engine.step()
+    assert grad_norm > 0 and any(not torch.equal(before[k], v) for k, v in engine.named_local_params().items())
+    handle = engine.async_save(str(tmp_path / "engine"))
+    assert handle is not None
+    handle.finish()
+    assert any((tmp_path / "engine").iterdir())
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["distributed.engine=fdsp"], "distributed.engine: unknown engine 'fdsp' (registered: ddp, deepspeed, fsdp); "
+                                  "did you mean 'fsdp'?"),
+    (["precision=fp16", "distributed.engine=fsdp"], "precision: fp16 is not supported with distributed.engine=fsdp"),
+])
+def test_config_accepts_exactly_the_registered_engines(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+    assert load_config(None, ["distributed.engine=deepspeed", "precision=fp16"]).distributed.engine == "deepspeed"
