@@ -95,14 +95,16 @@ class TcpProxy:
         return hit is not None
 
     def _drop(self, sock: socket.socket) -> None:
-        """Close with a reset (SO_LINGER 0), like a crashed endpoint."""
+        """Cut a connection like a crashed endpoint: shutdown (wakes the pump blocked in recv, so the socket is
+        really released) then close with a reset (SO_LINGER 0)."""
         with self._lock:
             self._connections.discard(sock)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            sock.close()
+            sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        sock.close()
 
     def outage(self, seconds: float) -> None:
         """Refuse connections for ``seconds`` (listener closed, live connections reset), then listen again."""
@@ -150,7 +152,11 @@ def test_training_rides_out_an_object_store_outage(s3_server, tmp_path: Path) ->
     proc = subprocess.Popen(launch_command(config, [], launcher="python"), cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        output, _ = proc.communicate(timeout=240)
+        output, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        raise AssertionError(f"training hung; outages started: {proxy.fired}; output:\n{output[-6000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
