@@ -28,6 +28,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
                                "deepflow.data_pipeline"),
     "deepflow.platform.inference": ("deepflow.storage", "deepflow.errors", "deepflow.artifacts", "deepflow.configuration",
                                     "deepflow.models", "deepflow.data_pipeline", "deepflow.ranks"),
+    "deepflow.cli": ("deepflow",),  # the top: the command line may import anything
     "deepflow.platform.train": ("deepflow.storage", "deepflow.errors", "deepflow.artifacts", "deepflow.configuration", "deepflow.models",
                                 "deepflow.data_pipeline", "deepflow.ranks", "deepflow.platform.eval",
                                 "deepflow.platform.inference"),
@@ -101,7 +102,7 @@ def test_nothing_imports_upward() -> None:
                 if target_layer is None and target.startswith("deepflow.") and target != "deepflow":
                     violations.append(f"{module} -> {target} (a module outside the documented layers)")
                 continue
-            if target_layer not in ALLOWED[layer]:
+            if target_layer not in ALLOWED[layer] and "deepflow" not in ALLOWED[layer]:
                 violations.append(f"{module} -> {target}")
     assert not violations, "imports against the layering of docs/architecture.md:\n" + "\n".join(violations)
 
