@@ -273,7 +273,7 @@ def _read_card(storage: Storage, name: str) -> ModelCard:
 
 
 def load_weights(url: str, storage_options: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], ModelCard]:
-    """Weights + card from an export folder, an export ``.safetensors``, a checkpoint step folder or a
+    """Weights + card from an export folder, an export ``.safetensors``, a committed checkpoint step folder or a
     checkpoints folder (newest committed step). Errors name the URL and what was expected there."""
     if url.rstrip("/").endswith(".safetensors"):
         folder, name = split_url(url)
@@ -294,6 +294,9 @@ def load_weights(url: str, storage_options: dict[str, Any] | None = None) -> tup
                 "(model.json + ema/), nor a checkpoints folder with a committed step-NNNNNNN"
             )
         storage = storage.child(step_dir_name(newest))
+    elif not storage.exists(COMMIT_NAME):
+        raise FileNotFoundError(f"{storage.url}: not committed (no {COMMIT_NAME}: its save did not finish); give a "
+                                "committed step or the checkpoints folder (its newest committed step)")
     card = _read_card(storage, MODEL_CARD_NAME)
     full = ema_file_name(None)
     if not storage.exists(full):

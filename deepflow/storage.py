@@ -48,6 +48,7 @@ __all__ = [
     "RetryPolicy",
     "Storage",
     "StorageUnavailableError",
+    "default_file_mode",
     "is_remote_url",
     "is_transient_error",
     "join_url",
@@ -57,6 +58,7 @@ __all__ = [
     "register_webdataset_gopen",
     "resolve_storage_options",
     "retry_policy",
+    "set_default_mode",
     "set_retry_policy",
     "filesystem",
     "split_url",
@@ -458,6 +460,27 @@ class Storage:
         finally:
             if os.path.exists(temporary):
                 os.remove(temporary)
+
+
+# ----------------------------------------------------------------------------------------------- file modes
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file: ``0o666`` less the process umask (``0o644`` under umask 022)."""
+    try:
+        with open("/proc/self/status") as status:  # Linux: read without changing the umask (thread-safe)
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def set_default_mode(path: str) -> None:
+    """Give ``path`` the mode of a file made by ``open()`` (:func:`default_file_mode`): for files that libraries
+    or ``tempfile.mkstemp`` create private (0600) and that become outputs others read."""
+    os.chmod(path, default_file_mode())
 
 
 # ------------------------------------------------------------------------------------- single objects by URL

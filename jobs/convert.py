@@ -1,17 +1,19 @@
 #!/usr/bin/env python
-"""Convert a reference DeepFlow checkpoint into an export (``deepflow.platform.inference.convert``).
+"""``python jobs/convert.py [args ...]`` = ``deepflow convert``: import a reference checkpoint as an export.
 
-    python jobs/convert.py --reference ckpt.pt --name "DeepFlow-XL/2-3T" --out converted/
-    python jobs/sample.py --checkpoint converted/ --out samples/ --num-samples 50000
+A shim (also under torchrun and the deepspeed launcher, as the Kubernetes manifests run it) for the launcher in
+:mod:`deepflow.cli`, which sets threads and logging, then runs the job; ``--help`` lists the job's options.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout that is not installed
 
-from deepflow.platform.inference.convert import main  # noqa: E402
+from deepflow.cli import job_main  # noqa: E402
+
+main = job_main("convert")
 
 if __name__ == "__main__":
     sys.exit(main())

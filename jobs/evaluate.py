@@ -1,19 +1,29 @@
 #!/usr/bin/env python
-"""Evaluate a sample batch: see deepflow/platform/eval/job.py (``python jobs/evaluate.py --help``).
+"""``python jobs/evaluate.py [args ...]`` = ``deepflow evaluate``: score a sample batch.
 
-    python jobs/evaluate.py --samples runs/digits/samples/samples.npz --extractor classifier:dataset=digits \\
-        --out runs/digits/eval/final.json
-    python jobs/evaluate.py --samples s3://bucket/run/samples.npz --reference VIRTUAL_imagenet256_labeled.npz \\
-        --inception-weights /weights/pt_inception-2015-12-05-6726825d.pth --out s3://bucket/run/eval/final.json
+A shim (also under torchrun and the deepspeed launcher, as the Kubernetes manifests run it) for the launcher in
+:mod:`deepflow.cli`, which sets threads and logging, then runs the job; ``--help`` lists the job's options.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout that is not installed
 
-from deepflow.platform.eval.job import build_parser, main  # noqa: E402,F401 - build_parser: k8s tests
+from deepflow.cli import job_main  # noqa: E402
+
+main = job_main("evaluate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The job's argument parser (the Kubernetes manifest tests parse the manifests' commands with it); imported on
+    use, so that torch loads after the launcher set the threads."""
+    from deepflow.platform.eval.job import build_parser as job_parser
+
+    return job_parser()
+
 
 if __name__ == "__main__":
     sys.exit(main())

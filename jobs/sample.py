@@ -1,27 +1,28 @@
 #!/usr/bin/env python
-"""Batch sampling for evaluation (``deepflow.platform.inference.sample_job``): N images as chunk files, PNGs and/or
-one ADM .npz; the rank comes from torchrun or a Kubernetes Indexed Job.
+"""``python jobs/sample.py [args ...]`` = ``deepflow sample``: N samples from an export or checkpoint.
 
-    torchrun --nproc-per-node 8 jobs/sample.py --checkpoint s3://runs/xl3t/export --out s3://runs/xl3t/samples-cfg1 \\
-        --num-samples 50000 --method sde --steps 250 --cfg-scale 1.0 --vae stabilityai/sd-vae-ft-ema
-    python jobs/sample.py --config sample.yaml --set sampler.cfg_scale=1.5
-
---checkpoint: an export folder (export.safetensors + export.json), an export or `deepflow convert` .safetensors
-(its .json beside it), a training checkpoint step folder (model.json + EMA weights), or a checkpoints folder (its
-newest committed step). Rerunning the same command skips finished chunks and reproduces the same images.
-
-Text-to-image models take captions instead of labels (--captions: a file, or "dataset": the first caption of each
-of the first N samples of --dataset, default the training data recorded with the weights); <out>/captions.txt lists
-them in sample order (for jobs/evaluate.py --captions).
+A shim (also under torchrun and the deepspeed launcher, as the Kubernetes manifests run it) for the launcher in
+:mod:`deepflow.cli`, which sets threads and logging, then runs the job; ``--help`` lists the job's options.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout that is not installed
 
-from deepflow.platform.inference.sample_job import build_parser, main  # noqa: E402,F401 - build_parser: k8s tests
+from deepflow.cli import job_main  # noqa: E402
+
+main = job_main("sample")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The job's argument parser (the Kubernetes manifest tests parse the manifests' commands with it); imported on
+    use, so that torch loads after the launcher set the threads."""
+    from deepflow.platform.inference.sample_job import build_parser as job_parser
+
+    return job_parser()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
 #!/usr/bin/env python
-"""`python jobs/train.py` (also under torchrun / the deepspeed launcher): a shim for :mod:`deepflow.platform.train.job`."""
+"""``python jobs/train.py [args ...]`` = ``deepflow train``: train a model from a YAML config.
+
+A shim (also under torchrun and the deepspeed launcher, as the Kubernetes manifests run it) for the launcher in
+:mod:`deepflow.cli`, which sets threads and logging, then runs the job; ``--help`` lists the job's options.
+"""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout that is not installed
 
-from deepflow.platform.train.job import main  # noqa: E402
+from deepflow.cli import job_main  # noqa: E402
+
+main = job_main("train")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,13 +20,15 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $PY"
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import deepflow, deepspeed, open_clip, torchvision, pytorch_fid" >/dev/null 2>&1; then
+# Everything: the core and every extra (deepspeed, text, ssl, eval, s3, gcs) plus the test tools (dev).
+if ! .venv/bin/python -c "import deepflow, deepspeed, open_clip, torchvision, pytorch_fid, torch_fidelity, s3fs, gcsfs" >/dev/null 2>&1 \
+   || [ ! -x .venv/bin/deepflow ]; then
   echo "[setup] installing pinned dependencies (constraints.txt)"
   .venv/bin/pip install -q --upgrade pip
   # torch first, pinned: an unpinned resolve may pull a different multi-GB build.
   .venv/bin/pip install -q -c constraints.txt torch torchvision
   # DeepSpeed ships as an sdist whose build imports torch: build it against the torch just installed.
   .venv/bin/pip install -q -c constraints.txt --no-build-isolation deepspeed
-  .venv/bin/pip install -q -c constraints.txt -e ".[dev]"
+  .venv/bin/pip install -q -c constraints.txt -e ".[all,dev]"
 fi
 echo "[setup] ready: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"

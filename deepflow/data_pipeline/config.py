@@ -1,7 +1,8 @@
 """The precompute job's configuration: one validated pydantic tree, loaded from YAML plus ``--set a.b=c``.
 
-Every model forbids unknown fields, so a typo is an error that names its path
-(``encoder.flip_copy: Extra inputs are not permitted``).  See ``configs/**/precompute*.yaml``.
+Every model forbids unknown fields, so a typo is an error that names its path and the close matches
+(``encoder.flip_copi: unknown field; did you mean encoder.flip_copy?``); URLs with a protocol fsspec does not know
+are refused with their field (``output.url: ftp2://x: unsupported storage URL (...)``).  See ``configs/**/precompute*.yaml``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from deepflow.artifacts import SD_VAE_LATENT_SCALE
-from deepflow.configuration import ConfigError, ConfigSection, load_validated
+from deepflow.configuration import ConfigError, ConfigSection, StorageURL, load_validated
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -29,7 +30,7 @@ class ImageFolderSourceConfig(Strict):
     """ImageNet layout: ``root/<class name>/<image>``; classes sorted by name give labels 0..K-1."""
 
     kind: Literal["image_folder"]
-    root: str
+    root: StorageURL
     storage_options: dict[str, Any] = Field(default_factory=dict)
     extensions: list[str] = Field(default_factory=lambda: [".jpeg", ".jpg", ".png", ".webp", ".bmp"])
 
@@ -38,8 +39,8 @@ class CocoSourceConfig(Strict):
     """MS-COCO captions: ``annotations`` (e.g. captions_train2017.json) and the image folder."""
 
     kind: Literal["coco"]
-    annotations: str
-    images: str
+    annotations: StorageURL
+    images: StorageURL
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -61,7 +62,7 @@ class WebDatasetSourceConfig(Strict):
     """Tar shards of images with a label (``.cls``) or captions (``.json`` / ``.txt``)."""
 
     kind: Literal["webdataset"]
-    urls: list[str] | str = Field(description="tar URLs; brace patterns such as data-{000..009}.tar are expanded")
+    urls: list[StorageURL] | StorageURL = Field(description="tar URLs; brace patterns such as data-{000..009}.tar are expanded")
     storage_options: dict[str, Any] = Field(default_factory=dict)
     image_extensions: list[str] = Field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
     label_extension: str = "cls"
@@ -164,7 +165,7 @@ TextEncoderConfig = Annotated[OpenClipTextConfig | TransformersTextConfig, Field
 class OutputConfig(Strict):
     """Where shards go: any fsspec URL; S3 endpoint from ``endpoint_url`` or ``AWS_ENDPOINT_URL``."""
 
-    url: str
+    url: StorageURL
     storage_options: dict[str, Any] = Field(default_factory=dict)
     endpoint_url: str | None = None
     samples_per_shard: int = Field(1000, ge=1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from .manifest import MANIFEST_NAME, NULL_TEXT_NAME, ChannelStats, done_marker_n
 from .preprocess import encode_image_bytes, preprocess_image
 from .shards import Block, build_shard, record_name, sha256_hex, shard_name
 from .sources import CorruptImageError, Source, build_source
+from deepflow.errors import USER_ERRORS, UserError, describe
 from deepflow.ranks import read_dist_env
 from deepflow.storage import Storage
 from .text_encoders import build_text_encoder
@@ -57,8 +59,40 @@ def resolve_rank(config: PrecomputeConfig, rank: int | None = None, world_size: 
     rank = 0 if rank is None else rank
     world_size = 1 if world_size is None else world_size
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world size {world_size})")
+        raise UserError(f"--rank: {rank} is outside 0..{world_size - 1} (world size {world_size})")
     return RankInfo(rank, world_size, local_rank)
+
+
+def output_storage(config: PrecomputeConfig) -> Storage:
+    """The storage of ``output.url``; a URL that cannot be opened raises :class:`UserError` naming the field."""
+    output = config.output
+    try:
+        return Storage(output.url, output.storage_options, output.endpoint_url)
+    except USER_ERRORS as error:
+        raise UserError(f"output.url: {describe(error)}") from error
+
+
+def build_encoders(config: PrecomputeConfig, device: torch.device) -> tuple[Any, Any]:
+    """(image encoder, text encoder or None); a model that cannot be loaded raises :class:`UserError` naming its
+    config section (``encoder`` / ``text_encoder``)."""
+    with _named("encoder"):
+        encoder = build_encoder(config.encoder, device)
+    if config.text_encoder is None:
+        return encoder, None
+    with _named("text_encoder"):
+        return encoder, build_text_encoder(config.text_encoder, device)
+
+
+@contextmanager
+def _named(section: str) -> Iterator[None]:
+    """Re-raise user errors and load failures (OSError: no such model, hub offline) as ``<section>: <message>``."""
+    try:
+        yield
+    except (*USER_ERRORS, OSError) as error:
+        if isinstance(error, ConnectionError):
+            raise
+        message = describe(error)
+        raise UserError(message if message.startswith(section) else f"{section}: {message}") from error
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -186,8 +220,7 @@ class PrecomputeJob:
         self.config = config
         self.rank_info = rank_info
         self.progress = progress
-        output = config.output
-        self.storage = Storage(output.url, output.storage_options, output.endpoint_url)
+        self.storage = output_storage(config)
         self.source = build_source(config.source)
         self.num_items = len(self.source) if config.limit is None else min(config.limit, len(self.source))
         self.fingerprint = job_fingerprint(config, rank_info.world_size, self.num_items)
@@ -202,7 +235,7 @@ class PrecomputeJob:
         for name in self.storage.list(prefix=f"shard-{rank:04d}-", suffix=".json"):
             record = self.storage.read_json(name)
             if record.get("fingerprint") != self.fingerprint:
-                raise ValueError(f"{self.storage.url_of(name)} was written by another precompute job (fingerprint "
+                raise UserError(f"output.url: {self.storage.url_of(name)} was written by another precompute job (fingerprint "
                                  f"{record.get('fingerprint')} != {self.fingerprint}); use a fresh output.url")
             done.add(record["name"])
         for name in self.storage.list(prefix=f".shard-{rank:04d}-"):  # temporaries of a killed local run
@@ -267,7 +300,7 @@ class PrecomputeJob:
             except CorruptImageError:
                 continue
             return preprocess_image(image, 1, "resize", None).shape[0]
-        raise ValueError(f"source: none of the first {min(self.num_items, 64)} images is readable")
+        raise UserError(f"source: none of the first {min(self.num_items, 64)} images is readable")
 
     def write_null_text(self) -> None:
         from safetensors.numpy import save
@@ -301,7 +334,7 @@ class PrecomputeJob:
         if self.storage.exists(MANIFEST_NAME):
             manifest = self.storage.read_json(MANIFEST_NAME)
             if manifest.get("fingerprint") != self.fingerprint:
-                raise ValueError(f"{self.storage.url_of(MANIFEST_NAME)} exists and belongs to another precompute "
+                raise UserError(f"output.url: {self.storage.url_of(MANIFEST_NAME)} exists and belongs to another precompute "
                                  "job; use a fresh output.url")
             log.info("%s is already complete", self.storage.url)
             return PrecomputeSummary(rank, world, 0, 0, 0, len(self.shards), 0.0, 0.0, manifest)
@@ -310,10 +343,9 @@ class PrecomputeJob:
         names = [shard_name(rank, index) for index in range(len(self.shards))]
         todo = [i for i, name in enumerate(names) if name not in done]
         device = resolve_device(config.device, self.rank_info.local_rank)
-        encoder = build_encoder(config.encoder, device)
-        text_encoder = build_text_encoder(config.text_encoder, device) if config.text_encoder else None
+        encoder, text_encoder = build_encoders(config, device)
         if self.source.has_captions and text_encoder is None:
-            raise ValueError("text_encoder: the source has captions; configure a text encoder to embed them")
+            raise UserError("text_encoder: the source has captions; configure a text encoder to embed them")
         header = self.header(encoder, text_encoder)
         if text_encoder is not None:
             self.write_null_text()
@@ -394,14 +426,13 @@ class PrecomputeJob:
 
 def finalize_only(config: PrecomputeConfig, world_size: int) -> dict[str, Any] | None:
     """``--finalize``: merge the records into ``manifest.json`` once every rank has finished."""
-    output = config.output
-    storage = Storage(output.url, output.storage_options, output.endpoint_url)
+    storage = output_storage(config)
     source = build_source(config.source)
     num_items = len(source) if config.limit is None else min(config.limit, len(source))
     fingerprint = job_fingerprint(config, world_size, num_items)
     markers = read_done_markers(storage, fingerprint)
     if not markers:
-        raise ValueError(f"{storage.url}: no rank has finished yet (no rank-*.done.json)")
+        raise UserError(f"output.url: {storage.url}: no rank has finished yet (no rank-*.done.json)")
     header = markers[min(markers)]["header"]
     return finalize(storage, fingerprint, world_size, header)
 

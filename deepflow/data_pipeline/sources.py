@@ -32,6 +32,7 @@ from .config import (
     ImageFolderSourceConfig,
     WebDatasetSourceConfig,
 )
+from deepflow.errors import USER_ERRORS, UserError, describe
 from deepflow.storage import filesystem, resolve_storage_options, with_retries
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -197,6 +198,8 @@ class ImageFolderSource(FileSource):
     def __init__(self, config: ImageFolderSourceConfig) -> None:
         super().__init__(config.root, config.storage_options)
         extensions = tuple(e.lower() for e in config.extensions)
+        if not with_retries(lambda: self.fs.isdir(self.root), config.root):
+            raise UserError(f"source.root: {config.root}: no such folder (expected <root>/<class name>/<image>)")
         files = with_retries(lambda: self.fs.find(self.root), config.root)
         relative = sorted(f[len(self.root) + 1 :] for f in files if f.lower().endswith(extensions))
         self.paths = [p for p in relative if "/" in p]
@@ -413,8 +416,14 @@ class EmojiSource(Source):
         return SourceSample(self.key(index), image, -1, [name, f"a {name} emoji"])
 
 
+#: the config field of each source kind that says where its data are (named by its errors)
+SOURCE_FIELDS = {"fashion_mnist": "source.root", "image_folder": "source.root", "coco": "source.annotations",
+                 "webdataset": "source.urls", "emoji": "source.font", "digits": "source"}
+
+
 def build_source(config: Any) -> Source:
-    """The source described by a ``source:`` config section."""
+    """The source described by a ``source:`` config section; a missing or unreadable input raises
+    :class:`~deepflow.errors.UserError` ``source.<field>: <url>: <what is wrong>``."""
     builders = {
         "fashion_mnist": fashion_mnist_source,
         "digits": digits_source,
@@ -423,4 +432,10 @@ def build_source(config: Any) -> Source:
         "webdataset": WebDatasetSource,
         "emoji": EmojiSource,
     }
-    return builders[config.kind](config)
+    try:
+        return builders[config.kind](config)
+    except USER_ERRORS as error:
+        message = describe(error)
+        if not message.startswith("source"):
+            message = f"{SOURCE_FIELDS[config.kind]}: {message}"
+        raise UserError(message) from error

@@ -7,6 +7,7 @@ and its pod template is validated as a core ``PodTemplate``.
 from __future__ import annotations
 
 import copy
+import json
 import shlex
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,7 @@ def test_train_job_pieces_agree() -> None:
     command = container["command"]
     config_path = command[command.index("--config") + 1]
     assert config_path == f"{mounts['config']}/run.yaml" and "run.yaml" in configmap["data"]
-    assert command[:5] == ["python", "-m", "deepflow.platform.train.k8s_env", "--launcher", "deepspeed"]
+    assert command[:7] == ["tini", "--", "python", "-m", "deepflow.platform.train.k8s_env", "--launcher", "deepspeed"]
     assert {"secretRef": {"name": "deepflow-object-store"}} in container["envFrom"]
 
 
@@ -192,14 +193,104 @@ def test_tensorboard_reads_the_run_log_url(tmp_path: Path) -> None:
     files = _write_configmap_files(K8S_DIR / "train-xl3t.yaml", tmp_path)
     assert logdir == load_run_config(files["run.yaml"]).tensorboard_url
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
-    assert shlex.join(command).startswith("tensorboard ")
+    assert shlex.join(command).startswith("tini -- tensorboard ")
 
 
-def test_dockerfile_builds_a_non_root_cuda_image() -> None:
-    text = (K8S_DIR.parent / "Dockerfile").read_text()
-    assert "ARG BASE_IMAGE=nvidia/cuda:" in text and "cudnn-devel" in text
-    assert "-c constraints.txt" in text and "pip install -c constraints.txt ." in text
-    users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
+# --------------------------------------------------------------------------------------------------- Dockerfile
+REPO = K8S_DIR.parent
+
+
+def _dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile as stages of (INSTRUCTION, arguments), continuation lines joined, comments dropped."""
+    lines: list[str] = []
+    pending = ""
+    for raw in (REPO / "Dockerfile").read_text().splitlines():
+        if raw.lstrip().startswith("#") or not raw.strip():
+            continue
+        pending += raw.rstrip().removesuffix("\\") + " " if raw.rstrip().endswith("\\") else raw
+        if not raw.rstrip().endswith("\\"):
+            lines.append(pending.strip())
+            pending = ""
+    stages: list[list[tuple[str, str]]] = [[]]
+    for line in lines:
+        instruction, _, arguments = line.partition(" ")
+        if instruction.upper() == "FROM":
+            stages.append([])
+        stages[-1].append((instruction.upper(), " ".join(arguments.split())))
+    return stages
+
+
+def _args(stage: list[tuple[str, str]], instruction: str) -> list[str]:
+    return [arguments for name, arguments in stage if name == instruction]
+
+
+def test_dockerfile_is_multi_stage_on_a_runtime_base() -> None:
+    preamble, *stages = _dockerfile_stages()
+    assert len(stages) >= 2, "a builder stage and a runtime stage"
+    builder, runtime = stages[0], stages[-1]
+    assert _args(builder, "FROM")[0].endswith(" AS builder")
+    defaults = dict(arguments.split("=", 1) for arguments in _args(preamble, "ARG") if "=" in arguments)
+    for stage in stages:
+        base = _args(stage, "FROM")[0].split()[0]
+        image = defaults.get(base.removeprefix("${").removesuffix("}"), base)
+        assert "devel" not in image, f"{image}: a runtime base (torch wheels carry the CUDA runtime), no toolkit"
+    # the builder builds the venv (torch, DeepSpeed against it, the package with every extra), pinned
+    runs = " ".join(_args(builder, "RUN"))
+    assert "-c constraints.txt torch torchvision" in runs and "--no-build-isolation deepspeed" in runs
+    assert 'pip install -c constraints.txt ".[all]"' in runs
+    # the runtime stage takes the venv, not the compilers' stage
+    assert any(arguments.startswith("--from=builder /opt/venv") for arguments in _args(runtime, "COPY"))
+    assert "build-essential" not in " ".join(_args(runtime, "RUN"))
+
+
+def test_dockerfile_runs_the_job_under_tini_as_a_non_root_user() -> None:
+    *_, runtime = _dockerfile_stages()
+    assert "tini" in " ".join(_args(runtime, "RUN")).split()  # apt-get install ... tini ...
+    (entrypoint,) = _args(runtime, "ENTRYPOINT")
+    assert json.loads(entrypoint) == ["tini", "--"]
+    users = _args(runtime, "USER")
     assert users and users[-1].split(":")[0] not in ("root", "0")
-    ignored = (K8S_DIR.parent / ".dockerignore").read_text().split()
-    assert ".venv" in ignored and ".git" in ignored
+    assert json.loads(_args(runtime, "CMD")[-1])[0] == "deepflow"  # the console script is on PATH
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_the_image_holds_what_the_manifests_run(path: Path) -> None:
+    """Every ``jobs/<x>.py`` a manifest runs (relative to its workingDir) is copied there by the runtime stage."""
+    *_, runtime = _dockerfile_stages()
+    workdir = _args(runtime, "WORKDIR")[-1]
+    copies = {arguments.split()[-1].replace("./", f"{workdir}/").rstrip("/"): arguments.split()[0]
+              for arguments in _args(runtime, "COPY") if not arguments.startswith("--from")}
+    assert copies.get(f"{workdir}/jobs") == "jobs" and copies.get(f"{workdir}/configs") == "deepflow/configs"
+    for doc in _docs(path):
+        for template in _pod_templates(doc):
+            for container in template["spec"]["containers"] + template["spec"].get("initContainers", []):
+                scripts = [arg for arg in container["command"] if arg.startswith("jobs/")]
+                for script in scripts:
+                    assert container.get("workingDir", workdir) == workdir, container["name"]
+                    assert (REPO / script).is_file(), script
+
+
+def test_dockerignore_keeps_the_build_inputs() -> None:
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    ignored = {line.strip() for line in lines if line.strip() and not line.startswith("#")}  # root-relative
+    assert {".venv", ".git", "runs", "tests"} <= ignored
+    for stage in _dockerfile_stages()[1:]:
+        for arguments in _args(stage, "COPY"):
+            if arguments.startswith("--from"):
+                continue
+            for source in arguments.split()[:-1]:
+                assert (REPO / source).exists(), source
+                parts = Path(source).parts
+                prefixes = {"/".join(parts[: i + 1]) for i in range(len(parts))}
+                assert not prefixes & ignored, f"{source} is excluded by .dockerignore"
+
+
+def test_every_pod_command_runs_under_tini() -> None:
+    """A pod's ``command`` replaces the image's ENTRYPOINT: each starts with tini so SIGTERM reaches the job."""
+    commands = []
+    for path in sorted(K8S_DIR.glob("*.yaml")):
+        for document in _docs(path):
+            for template in _pod_templates(document):
+                for container in template["spec"]["containers"]:
+                    commands.append((path.name, container.get("command")))
+    assert commands and all(command[:2] == ["tini", "--"] for _, command in commands if command), commands

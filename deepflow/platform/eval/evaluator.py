@@ -4,7 +4,9 @@ the features of any registered extractor, plus class accuracy for extractors tha
 Sample and reference batches are ADM ``.npz`` files (``arr_0``: uint8 NHWC images; samples may carry ``arr_1``: int
 labels, -1 for text-to-image samples) on any storage URL, or arrays in memory. A reference may instead (or also)
 carry precomputed Inception statistics ``mu``/``sigma`` (pool_3) and ``mu_s``/``sigma_s`` (spatial), as
-``VIRTUAL_imagenet256_labeled.npz`` does; precision/recall then still use its images. Arrays are streamed from the
+``VIRTUAL_imagenet256_labeled.npz`` does, and ``mu_<name>``/``sigma_<name>`` for any other extractor (as
+``deepflow.platform.eval.reference_job`` writes them); statistics are used before images, and precision/recall still
+use its images. Arrays are streamed from the
 zip member in batches through :meth:`deepflow.storage.Storage.open_read` (a 50k x 256 x 256 x 3 batch is 9.8 GB),
 never unpickled.
 
@@ -42,18 +44,21 @@ from deepflow.storage import Storage, split_url
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "INCEPTION_STAT_KEYS",
     "ImageSource",
     "ReferenceBatch",
     "check_image_batch",
     "clip_score_samples",
     "evaluate_batch",
     "extract_features",
+    "feature_parts",
     "iter_npz_batches",
     "nhwc_uint8_to_nchw",
     "npz_array_shape",
     "npz_member_names",
     "read_npz_array",
     "read_sample_labels",
+    "reference_stat_keys",
 ]
 
 ImageSource = str | np.ndarray | Tensor
@@ -199,8 +204,9 @@ def nhwc_uint8_to_nchw(batch: np.ndarray) -> Tensor:
     return torch.from_numpy(batch).permute(0, 3, 1, 2)
 
 
-def _feature_parts(extractor: FeatureExtractor, images: Tensor) -> dict[str, Tensor]:
-    """{"feats": [B, D]} (+ "spatial" [B, 2023], "logits" [B, 1008] for a multi-output extractor)."""
+def feature_parts(extractor: FeatureExtractor, images: Tensor) -> dict[str, Tensor]:
+    """uint8 images [B, 3|1, H, W] -> {"feats": [B, D]} (+ "spatial" [B, 2023], "logits" [B, 1008] for a
+    multi-output extractor), float tensors where the extractor runs."""
     if isinstance(extractor, MultiOutputExtractor):
         out = extractor.forward_all(images)
         return {"feats": out.pool, "spatial": out.spatial, "logits": out.logits}
@@ -225,7 +231,7 @@ def extract_features(
     with tqdm(total=total, desc=f"{extractor.name} features", unit="img", leave=False, disable=not progress) as bar:
         for batch in _nhwc_batches(source, batch_size, storage_options):
             images = nhwc_uint8_to_nchw(batch).to(device)
-            for name, value in _feature_parts(extractor, images).items():
+            for name, value in feature_parts(extractor, images).items():
                 outputs.setdefault(name, []).append(value.float().cpu().numpy())
             bar.update(len(batch))
     if not outputs:
@@ -234,29 +240,75 @@ def extract_features(
 
 
 # --------------------------------------------------------------------------------------------------- reference
+#: the ADM names of the Inception statistics in a reference .npz: pool_3 (FID) and spatial (sFID)
+INCEPTION_STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+
+
+def reference_stat_keys(name: str) -> tuple[str, str]:
+    """Names of the (mu [D], sigma [D, D]) arrays of extractor ``name`` in a reference .npz: ``("mu", "sigma")`` for
+    Inception (the ADM reference batches), ``("mu_<name>", "sigma_<name>")`` for any other extractor."""
+    return ("mu", "sigma") if name == "inception" else (f"mu_{name}", f"sigma_{name}")
+
+
+def _statistics_members(names: Sequence[str]) -> list[str]:
+    """The complete (mu, sigma) pairs among the arrays of an .npz: the ADM Inception ones and every
+    ``mu_<name>``/``sigma_<name>``."""
+    present = set(names)
+    pairs = [("mu", "sigma"), ("mu_s", "sigma_s")]
+    pairs += [(n, f"sigma_{n[3:]}") for n in names if n.startswith("mu_") and n != "mu_s"]
+    return [key for mu, sigma in pairs if mu in present and sigma in present for key in (mu, sigma)]
+
+
 @dataclass
 class ReferenceBatch:
-    """A reference batch: images (uint8 NHWC or an .npz URL with arr_0) and/or precomputed Inception statistics.
+    """A reference batch: images (uint8 NHWC or an .npz URL with arr_0) and/or precomputed feature statistics:
+    ``mu``/``sigma``/``mu_s``/``sigma_s`` (Inception, the ADM names) and ``mu_<name>``/``sigma_<name>`` (extractor
+    ``name``), float64 [D] / [D, D].
 
     Features are computed once per extractor name and cached, so periodic in-training evaluations pay only once.
     """
 
     images: ImageSource | None = None
-    stats: dict[str, np.ndarray] = field(default_factory=dict)  # mu, sigma, mu_s, sigma_s
+    stats: dict[str, np.ndarray] = field(default_factory=dict)  # mu, sigma, mu_s, sigma_s, mu_<name>, sigma_<name>
     storage_options: dict | None = None
     progress: bool = True
+    #: where it was read from (None: built in memory); named in the results
+    url: str | None = None
     _cache: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, url: str, storage_options: dict | None = None, progress: bool = True) -> ReferenceBatch:
         """Read an ADM reference .npz: arr_0 stays on storage (streamed), statistics are loaded."""
         names = npz_member_names(url, storage_options)
-        stats = {k: read_npz_array(url, k, storage_options) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in names}
-        if "arr_0" not in names and not {"mu", "sigma"} <= stats.keys():
-            raise ValueError(f"{url}: a reference needs images (arr_0) or statistics (mu, sigma); it has neither "
-                             f"images nor statistics: {names}")
+        stats = {k: read_npz_array(url, k, storage_options) for k in _statistics_members(names)}
+        if "arr_0" not in names and not stats.keys() - {"mu_s", "sigma_s"}:
+            raise ValueError(f"{url}: a reference needs images (arr_0) or statistics (mu, sigma or mu_<extractor>, "
+                             f"sigma_<extractor>); it has neither images nor statistics: {names}")
         images = url if "arr_0" in names else None
-        return cls(images=images, stats=stats, storage_options=storage_options, progress=progress)
+        return cls(images=images, stats=stats, storage_options=storage_options, progress=progress, url=url)
+
+    def statistics(self, name: str, dim: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mu [D], sigma [D, D]) float64 of extractor ``name`` held by the reference (None when it has none).
+
+        ``dim``: the extractor's feature size; statistics of another size are refused (they come from another
+        extractor or another configuration of it).
+        """
+        mu_key, sigma_key = reference_stat_keys(name)
+        if mu_key not in self.stats or sigma_key not in self.stats:
+            return None
+        mu = np.atleast_1d(np.asarray(self.stats[mu_key], np.float64))
+        sigma = np.atleast_2d(np.asarray(self.stats[sigma_key], np.float64))  # np.cov of one feature is 0-d
+        size = mu.shape[0] if mu.ndim == 1 else -1
+        if size < 0 or sigma.shape != (size, size) or (dim is not None and size != dim):
+            where = self.url or "reference"
+            raise ValueError(f"{where}: {mu_key} {tuple(mu.shape)} / {sigma_key} {tuple(sigma.shape)} do not fit the "
+                             f"{name} extractor's {dim if dim is not None else 'D'} features (statistics of another "
+                             "extractor?)")
+        return mu, sigma
+
+    def describe_statistics(self, name: str) -> str:
+        """Where the statistics of ``name`` come from: ``<url> (mu_<name>, sigma_<name>)``."""
+        return f"{self.url or 'reference'} ({', '.join(reference_stat_keys(name))})"
 
     def features(
         self, extractor: FeatureExtractor, batch_size: int, device: str | torch.device
@@ -291,12 +343,10 @@ def _adm_metrics(
     fd_method: FdMethod,
 ) -> dict[str, float]:
     """fid, sfid, inception_score and (with reference images) precision, recall of Inception features."""
-    use_ref_stats = {"mu", "sigma"} <= reference.stats.keys()
-    stats_only = use_ref_stats and reference.images is None
+    pool_stats = reference.statistics(extractor.name, extractor.dim)  # "inception": the ADM mu / sigma
+    stats_only = pool_stats is not None and reference.images is None
     ref_feats = None if stats_only else reference.features(extractor, batch_size, device)
-    mu_ref, sigma_ref = (
-        (reference.stats["mu"], reference.stats["sigma"]) if use_ref_stats else feature_statistics(ref_feats["feats"])
-    )
+    mu_ref, sigma_ref = pool_stats if pool_stats is not None else feature_statistics(ref_feats["feats"])
     results = {"fid": frechet_distance(*feature_statistics(sample_feats["feats"]), mu_ref, sigma_ref, method=fd_method)}
     if {"mu_s", "sigma_s"} <= reference.stats.keys():
         mu_s_ref, sigma_s_ref = reference.stats["mu_s"], reference.stats["sigma_s"]
@@ -321,15 +371,20 @@ def _reference_statistics(
     batch_size: int,
     device: str | torch.device,
 ) -> tuple[tuple[np.ndarray, np.ndarray], str]:
-    """((mu [D], sigma [D, D]), where they come from) for a single-output extractor: the reference batch's images
-    when there are some, else the extractor's own reference (:class:`SelfReferencedExtractor`)."""
+    """((mu [D], sigma [D, D]), where they come from) for a single-output extractor: the reference's own statistics
+    of it (``mu_<name>``/``sigma_<name>``), else the reference batch's images when there are some, else the
+    extractor's own reference (:class:`SelfReferencedExtractor`)."""
+    stats = reference.statistics(extractor.name, extractor.dim) if reference is not None else None
+    if stats is not None:
+        return stats, reference.describe_statistics(extractor.name)
     if reference is not None and reference.images is not None:
         where = reference.images if isinstance(reference.images, str) else "reference images"
         return feature_statistics(reference.features(extractor, batch_size, device)["feats"]), where
     if isinstance(extractor, SelfReferencedExtractor):
         return extractor.reference_stats, extractor.reference_id
+    mu_key, sigma_key = reference_stat_keys(extractor.name)
     raise ValueError(f"reference: the {extractor.name!r} extractor has no reference of its own: give a reference batch "
-                     f"with images (arr_0)")
+                     f"with images (arr_0) or {mu_key}/{sigma_key} statistics")
 
 
 def _class_accuracy(extractor: LabelScorer, feats: np.ndarray, labels: np.ndarray, what: str) -> float | None:

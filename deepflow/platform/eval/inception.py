@@ -13,6 +13,10 @@ Outputs used by the ADM protocol:
 - ``spatial`` [B, 2023]: the first 7 channels of ``mixed_6/conv`` (= ``Mixed_6d.branch1x1``, 17x17), flattened in
   NHWC order as the ADM evaluator does (sFID; the order matters for reference statistics computed by ADM);
 - ``logits``  [B, 1008]: ``pool @ fc.weight.T`` without the bias (ADM's ``softmax/logits/MatMul``; Inception Score).
+
+The weights are found by :func:`find_inception_weights`: an explicit path or URL, else ``$DEEPFLOW_INCEPTION_WEIGHTS``,
+else the file in the DeepFlow cache (``$DEEPFLOW_CACHE``, default ``~/.cache/deepflow``), else the copies pytorch-fid
+and torch-fidelity keep in torch's hub cache; with none of them, one error line says where to get the file.
 """
 from __future__ import annotations
 
@@ -24,8 +28,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision
-from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
 from torch import Tensor, nn
 
 from deepflow.storage import read_url_bytes, url_exists, write_url_bytes
@@ -37,9 +39,17 @@ POOL_DIM = 2048
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
 SPATIAL_DIM = SPATIAL_CHANNELS * 17 * 17  # 2023
 NUM_LOGITS = 1008
+#: the pytorch-fid weights file name (the one to download)
+INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+#: torch-fidelity's name for the same network (same parameter names), also accepted in the caches
+TORCH_FIDELITY_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 PYTORCH_FID_WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+    f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_WEIGHTS_FILE}"
 )
+#: environment variable naming the weights (a path or any storage / http URL)
+INCEPTION_WEIGHTS_ENV = "DEEPFLOW_INCEPTION_WEIGHTS"
+#: the ``weights`` value that means "find them" (:func:`find_inception_weights`)
+AUTO_WEIGHTS = "auto"
 
 
 @dataclass
@@ -78,6 +88,9 @@ def resize_bilinear_tf1(images: Tensor, size: int) -> Tensor:
 
 def build_fid_inception_network() -> nn.Module:
     """torchvision Inception3 patched to the FID graph (1008 classes, no aux head), randomly initialised."""
+    import torchvision  # here, not at the top: finding the weights (configs, jobs) does not need the network
+    from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
+
     net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=NUM_LOGITS, init_weights=False)
     net.Mixed_5b = FIDInceptionA(192, pool_features=32)
     net.Mixed_5c = FIDInceptionA(256, pool_features=64)
@@ -89,6 +102,63 @@ def build_fid_inception_network() -> nn.Module:
     net.Mixed_7b = FIDInceptionE_1(1280)
     net.Mixed_7c = FIDInceptionE_2(2048)
     return net
+
+
+class InceptionWeightsNotFoundError(FileNotFoundError):
+    """No FID Inception-v3 weights where they were asked for or looked for; the message (one line) says where to get
+    them and where to put them."""
+
+
+def inception_cache_candidates() -> list[str]:
+    """The files looked at when no location is given, in order: the DeepFlow cache (``$DEEPFLOW_CACHE``, default
+    ``~/.cache/deepflow``), then torch's hub cache (``$TORCH_HOME/hub/checkpoints``, default
+    ``~/.cache/torch/hub/checkpoints``, where pytorch-fid and torch-fidelity download them); the pytorch-fid name
+    first, then torch-fidelity's name in each folder."""
+    from deepflow.platform.eval.quality import default_cache_dir
+
+    folders = [str(default_cache_dir()), os.path.join(torch.hub.get_dir(), "checkpoints")]
+    return [os.path.join(folder, name) for folder in folders
+            for name in (INCEPTION_WEIGHTS_FILE, TORCH_FIDELITY_WEIGHTS_FILE)]
+
+
+def _how_to_get_weights() -> str:
+    """Where to download the weights and where to put them (the tail of every not-found message)."""
+    from deepflow.platform.eval.quality import default_cache_dir
+
+    target = os.path.join(str(default_cache_dir()), INCEPTION_WEIGHTS_FILE)
+    return (f"download {PYTORCH_FID_WEIGHTS_URL} to {target} (or put it anywhere and pass --inception-weights PATH or "
+            f"set ${INCEPTION_WEIGHTS_ENV}=PATH; --inception-weights URL downloads it into torch's hub cache once)")
+
+
+def _check_location(location: str, given_as: str) -> str:
+    """``location`` when it exists (http(s) URLs are taken as given: fetched and cached on first use)."""
+    if location.startswith(("http://", "https://")) or url_exists(location):
+        return location
+    raise InceptionWeightsNotFoundError(f"{given_as}{location}: not found; {_how_to_get_weights()}")
+
+
+def find_inception_weights(explicit: str | None = None) -> str:
+    """The location (path or URL) of the FID Inception-v3 weights file.
+
+    Order: ``explicit`` (a path or any storage / http URL; ``None`` or ``"auto"``: look further), else
+    ``$DEEPFLOW_INCEPTION_WEIGHTS``, else the first existing file of :func:`inception_cache_candidates`. A given
+    location that does not exist, or nothing found, raises :class:`InceptionWeightsNotFoundError` with one line
+    saying where to download the file and where to put it.
+    """
+    if explicit is not None and explicit != AUTO_WEIGHTS:
+        return _check_location(explicit, "Inception weights ")
+    from_env = os.environ.get(INCEPTION_WEIGHTS_ENV, "").strip()
+    if from_env:
+        return _check_location(from_env, f"${INCEPTION_WEIGHTS_ENV}=")
+    candidates = inception_cache_candidates()
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    folders = ", ".join(dict.fromkeys(os.path.dirname(c) for c in candidates))
+    raise InceptionWeightsNotFoundError(
+        f"no FID Inception-v3 weights found (${INCEPTION_WEIGHTS_ENV} is not set, no {INCEPTION_WEIGHTS_FILE} in "
+        f"{folders}): {_how_to_get_weights()}"
+    )
 
 
 def load_state_dict_from_location(location: str, cache_dir: str | None = None) -> dict[str, Tensor]:
@@ -130,8 +200,9 @@ def _read_weights(location: str, cache_dir: str | None) -> bytes:
 class FIDInceptionExtractor(nn.Module):
     """FID Inception-v3 feature extractor. Call: uint8 [B, 3|1, H, W] -> pool features float32 [B, 2048].
 
-    ``weights``: local path or URL of the pytorch-fid / torch-fidelity weights file; ``None`` keeps random weights
-    (tests only: the numbers mean nothing, a warning says so).
+    ``weights``: local path or URL of the pytorch-fid / torch-fidelity weights file, or ``"auto"`` to find them
+    (:func:`find_inception_weights`); ``None`` keeps random weights (tests only: the numbers mean nothing, a warning
+    says so).
     """
 
     name = "inception"
@@ -149,7 +220,8 @@ class FIDInceptionExtractor(nn.Module):
             log.warning(message)
             self._init_random()
         else:
-            self._load(load_state_dict_from_location(weights, cache_dir))
+            location = find_inception_weights() if weights == AUTO_WEIGHTS else weights
+            self._load(load_state_dict_from_location(location, cache_dir))
         self.eval().requires_grad_(False)
 
     def _init_random(self) -> None:

@@ -12,6 +12,11 @@ when asked for, and a CLIP score against captions.
 
     python jobs/evaluate.py --config eval.yaml --set batch_size=250 --set clip.captions=s3://runs/c/captions.txt
 
+``--inception-weights`` without a value (``inception: auto``) finds the weights: $DEEPFLOW_INCEPTION_WEIGHTS, else
+pt_inception-2015-12-05-6726825d.pth in $DEEPFLOW_CACHE (default ~/.cache/deepflow) or in torch's hub cache
+(~/.cache/torch/hub/checkpoints, where pytorch-fid / torch-fidelity keep it); when none exists one error line says
+where to download it. Reference batches from a dataset: ``deepflow.platform.eval.reference_job``.
+
 Text-to-image samples (jobs/sample.py writes <out>/captions.txt beside samples.npz) also get a CLIP score against
 their captions with --clip-model (open_clip; sample i is paired with caption i).
 
@@ -40,9 +45,9 @@ from typing import Any
 import numpy as np
 
 from deepflow.artifacts import SampleSetLayout
-from deepflow.errors import one_line, report_user_errors
+from deepflow.errors import JobArgumentParser, UsageError, UserError, one_line, report_user_errors
 from deepflow.configuration import ConfigError, flag_overrides, load_tree, load_validated
-from deepflow.platform.eval.config import RANDOM_INCEPTION, ClipSection, EvaluateConfig
+from deepflow.platform.eval.config import AUTO_INCEPTION, RANDOM_INCEPTION, ClipSection, EvaluateConfig
 from deepflow.platform.eval.evaluator import (
     ReferenceBatch,
     check_image_batch,
@@ -51,11 +56,15 @@ from deepflow.platform.eval.evaluator import (
     read_sample_labels,
 )
 from deepflow.platform.eval.extractors import FeatureExtractor, build_extractor
+from deepflow.platform.eval.inception import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE
 from deepflow.storage import Storage, write_url_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvaluateError", "build_parser", "load_config", "main", "parse_extractor_spec", "run"]
+__all__ = [
+    "EvaluateError", "add_inception_flags", "build_parser", "check_device", "field_errors", "inception_flag",
+    "load_config", "main", "parse_extractor_spec", "parse_kind_spec", "run",
+]
 
 #: errors that are the user's mistakes (bad inputs, missing or unreadable files, models that cannot be built)
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
@@ -63,24 +72,16 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
 BUILD_ERRORS: tuple[type[BaseException], ...] = (*USER_ERRORS, RuntimeError)
 
 
-class EvaluateError(ValueError):
+class EvaluateError(UserError):
     """A mistake in the inputs of a run; ``str(error)`` is ``<field or URL>: <what is wrong>``."""
 
 
-class _UsageError(Exception):
-    """A command-line parsing error (argparse's own message)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override] - raises instead of printing usage
-        raise _UsageError(message)
-
-
 # ------------------------------------------------------------------------------------------------ command line
-def parse_extractor_spec(spec: str) -> tuple[str, dict[str, Any]]:
+def parse_kind_spec(spec: str, flag: str = "--extractor") -> tuple[str, dict[str, Any]]:
     """``kind[:key=value,key=value]`` -> (kind, options). E.g. ``clip:model_name=ViT-L-14,pretrained=/w/clip.pt``.
 
     Values are parsed as YAML scalars (``image_size=224`` -> int, ``x=true`` -> bool); anything else stays a string.
+    Mistakes raise ``ConfigError`` naming ``flag``.
     """
     import yaml
 
@@ -89,29 +90,48 @@ def parse_extractor_spec(spec: str) -> tuple[str, dict[str, Any]]:
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--extractor {spec!r}: option {item!r} is not key=value (kind:key=value,key=value)")
+            raise ConfigError(f"{flag} {spec!r}: option {item!r} is not key=value (kind:key=value,key=value)")
         try:
             parsed = yaml.safe_load(value) if value else value
         except yaml.YAMLError:
             parsed = value
         options[key] = parsed if isinstance(parsed, (int, float, bool)) else value
     if not kind:
-        raise ConfigError(f"--extractor {spec!r}: missing kind (kind:key=value,key=value)")
+        raise ConfigError(f"{flag} {spec!r}: missing kind (kind:key=value,key=value)")
     return kind, options
+
+
+def parse_extractor_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``--extractor kind[:key=value,...]`` -> (kind, options) (see :func:`parse_kind_spec`)."""
+    return parse_kind_spec(spec, "--extractor")
+
+
+def add_inception_flags(parser: argparse.ArgumentParser) -> None:
+    """``--inception-weights [PATH|URL]`` (alone: find them) and ``--random-inception-for-tests``: the ``inception``
+    field (shared by the evaluate and reference jobs)."""
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--inception-weights", nargs="?", const=AUTO_INCEPTION, metavar="PATH|URL",
+                         help="inception: path or URL of the FID Inception-v3 weights file; without a value: find it "
+                         f"(${INCEPTION_WEIGHTS_ENV}, then {INCEPTION_WEIGHTS_FILE} in $DEEPFLOW_CACHE "
+                         "(~/.cache/deepflow) or ~/.cache/torch/hub/checkpoints)")
+    weights.add_argument("--random-inception-for-tests", action="store_true",
+                         help=f"inception={RANDOM_INCEPTION}: random Inception weights, meaningless numbers")
+
+
+def inception_flag(args: argparse.Namespace) -> str | None:
+    """The ``inception`` field given by :func:`add_inception_flags`' flags (None: not given)."""
+    return args.inception_weights or (RANDOM_INCEPTION if args.random_inception_for_tests else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags; every one defaults to None (unset) so that it overrides a --config file only when given."""
-    parser = _Parser(prog="evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file of EvaluateConfig fields (any storage URL)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a field, e.g. --set batch_size=32 --set clip.model=ViT-L-14")
     parser.add_argument("--samples", help="samples: sample batch .npz (arr_0 uint8 NHWC, arr_1 labels), any URL")
     parser.add_argument("--reference", help="reference: reference batch .npz (arr_0 and/or mu, sigma, mu_s, sigma_s)")
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--inception-weights", help="inception: path or URL of the FID Inception-v3 weights file")
-    weights.add_argument("--random-inception-for-tests", action="store_true",
-                         help=f"inception={RANDOM_INCEPTION}: random Inception weights, meaningless numbers")
+    add_inception_flags(parser)
     parser.add_argument("--extractor", action="append", default=[], metavar="KIND[:K=V,...]",
                         help="append to extractors: classifier:dataset=digits, dinov2:model=..., "
                         "clip:model_name=...,pretrained=...")
@@ -135,7 +155,7 @@ def load_config(argv: Sequence[str] | None = None) -> EvaluateConfig:
     """The run's config: --config file, then the flags, then --set overrides (ConfigError naming the fields)."""
     try:
         args = build_parser().parse_args(argv)
-    except _UsageError as error:
+    except UsageError as error:
         raise ConfigError(str(error)) from None
     tree = load_tree(args.config)
     if args.extractor:
@@ -143,9 +163,8 @@ def load_config(argv: Sequence[str] | None = None) -> EvaluateConfig:
         if not isinstance(listed, list):
             raise ConfigError(f"extractors: must be a list of {{kind, options}} to append --extractor to")
         listed.extend({"kind": kind, "options": options} for kind, options in map(parse_extractor_spec, args.extractor))
-    inception = args.inception_weights or (RANDOM_INCEPTION if args.random_inception_for_tests else None)
     flags = {
-        "samples": args.samples, "reference": args.reference, "inception": inception,
+        "samples": args.samples, "reference": args.reference, "inception": inception_flag(args),
         "clip.model": args.clip_model, "clip.pretrained": args.clip_pretrained,
         "clip.model_kwargs": _json_flag("--clip-model-kwargs", args.clip_model_kwargs), "clip.captions": args.captions,
         "out": args.out, "tensorboard": args.tensorboard, "step": args.step, "batch_size": args.batch_size,
@@ -170,18 +189,25 @@ FIELD_NAMES = (*EvaluateConfig.model_fields, *(f"clip.{name}" for name in ClipSe
 
 
 @contextmanager
-def _field(name: str, errors: tuple[type[BaseException], ...] = USER_ERRORS) -> Iterator[None]:
+def field_errors(
+    name: str, errors: tuple[type[BaseException], ...] = USER_ERRORS, field_names: Sequence[str] = ()
+) -> Iterator[None]:
     """Turn the user errors raised inside into :class:`EvaluateError` ``<name>: <message>`` (the field is not repeated
-    when the message already starts with a field name; a URL still gets the field in front)."""
+    when the message already starts with one of ``field_names``; a URL still gets the field in front)."""
     try:
         yield
     except EvaluateError:
         raise
     except errors as error:
         message = one_line(_describe(error))
-        if not any(message.startswith(f"{prefix}:") for prefix in FIELD_NAMES):
+        if not any(message.startswith(f"{prefix}:") for prefix in field_names):
             message = f"{name}: {message}"
         raise EvaluateError(message) from error
+
+
+def _field(name: str, errors: tuple[type[BaseException], ...] = USER_ERRORS) -> Any:
+    """:func:`field_errors` with the evaluate config's field names."""
+    return field_errors(name, errors, FIELD_NAMES)
 
 
 def _describe(error: BaseException) -> str:
@@ -194,19 +220,29 @@ def _describe(error: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
+    """EvaluateError when ``device`` asks for CUDA on a machine without it."""
     import torch
 
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise EvaluateError(f"device: {device!r} requested but CUDA is not available on this machine (use cpu)")
 
 
-def build_extractors(cfg: EvaluateConfig, device: str) -> list[FeatureExtractor]:
-    """The Inception extractor (when ``inception`` is set) and every one of ``extractors``, on ``device``."""
+def inception_weights_of(cfg: EvaluateConfig) -> str | None:
+    """The Inception weights location of the run (None: random weights or no Inception), found now: an ``inception``
+    path or URL that does not exist, or ``auto`` finding nothing, is one ``inception: ...`` error saying where to
+    get the file."""
+    with _field("inception"):
+        return cfg.inception_weights()
+
+
+def build_extractors(cfg: EvaluateConfig, device: str, inception_weights: str | None = None) -> list[FeatureExtractor]:
+    """The Inception extractor (when ``inception`` is set; ``inception_weights``: its weights location, None for
+    random ones) and every one of ``extractors``, on ``device``."""
     built: list[FeatureExtractor] = []
     if cfg.inception is not None:
         with _field("inception", BUILD_ERRORS):
-            built.append(build_extractor("inception", device=device, weights=cfg.inception_weights()))
+            built.append(build_extractor("inception", device=device, weights=inception_weights))
     for index, spec in enumerate(cfg.extractors):
         with _field(f"extractors.{index}", BUILD_ERRORS):
             built.append(build_extractor(spec.kind, device=device, **spec.options))
@@ -262,9 +298,10 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     Raises :class:`EvaluateError` (or ``ConfigError``) for mistakes in the inputs.
     """
     device = cfg.resolved_device()
-    _check_device(device)
+    check_device(device)
+    weights = inception_weights_of(cfg)
     reference, labels = _check_inputs(cfg)
-    extractors = build_extractors(cfg, device)
+    extractors = build_extractors(cfg, device, weights)
     results: dict[str, Any] = {}
     if extractors:
         with _field("samples"):
@@ -273,7 +310,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
                 k=cfg.k, storage_options=cfg.storage_options or None, fd_method=cfg.fd_method, progress=cfg.progress,
             ))
     if cfg.inception is not None:
-        results["inception_weights"] = cfg.inception_weights() or "RANDOM (tests only)"
+        results["inception_weights"] = weights or "RANDOM (tests only)"
     if cfg.clip.model is not None:
         results.update(clip_results(cfg, device))
     results.update(samples=cfg.samples, reference=cfg.reference, step=cfg.step)

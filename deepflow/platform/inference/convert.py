@@ -23,7 +23,7 @@ import torch
 from deepflow.artifacts import ModelCard, write_export
 from deepflow.models import create_model
 from deepflow.models.convert import load_reference_state_dict
-from deepflow.errors import report_user_errors
+from deepflow.errors import JobArgumentParser, report_user_errors
 from deepflow.platform.inference.generate import DEFAULT_LATENT_SCALE
 from deepflow.storage import resolve_storage_options
 
@@ -108,7 +108,7 @@ def convert(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference", required=True, help="reference checkpoint (.pt: a state dict or {ema, model, args})")
     p.add_argument("--name", required=True, help='architecture, e.g. "DeepFlow-XL/2-3T"')
     p.add_argument("--out", required=True, help="export folder, or a .safetensors path (its .json beside it)")
@@ -124,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 a user mistake (one ``error:`` line)."""
-    args = build_parser().parse_args(argv)
 
     def body() -> int:
+        args = build_parser().parse_args(argv)
         if args.latent_scale is not None and args.latent_scale <= 0:
             raise ValueError(f"latent_scale: must be > 0, got {args.latent_scale}")
         overrides = {k: v for k, v in (("num_heads", args.num_heads), ("hidden_size", args.hidden_size)) if v}

@@ -23,7 +23,8 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,9 +34,9 @@ from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from deepflow.artifacts import load_weights
-from deepflow.configuration import ConfigSection, flag_overrides, load_validated
+from deepflow.configuration import ConfigSection, StorageURL, flag_overrides, load_validated
 from deepflow.platform.inference.conditions import ConditionPlan, sampling_plan
-from deepflow.errors import report_user_errors
+from deepflow.errors import USER_ERRORS, JobArgumentParser, UserError, describe, report_user_errors
 from deepflow.platform.inference.generate import DecodeSpec, Decoder, SamplerConfig, build_model, generate
 from deepflow.platform.inference.sample_set import SampleSet
 from deepflow.ranks import read_dist_env
@@ -59,8 +60,8 @@ class DecodeConfig(ConfigSection):
 class SampleConfig(ConfigSection):
     """Everything that determines the images (fingerprinted) plus where and how they are written (not)."""
 
-    checkpoint: str = Field(min_length=1, description="export / converted file / checkpoint (folder) URL")
-    out: str = Field(min_length=1, description="output folder URL")
+    checkpoint: StorageURL = Field(min_length=1, description="export / converted file / checkpoint (folder) URL")
+    out: StorageURL = Field(min_length=1, description="output folder URL")
     num_samples: int = Field(50_000, ge=1)
     chunk_size: int = Field(250, ge=1, description="images per chunk file, a multiple of batch_size")
     batch_size: int = Field(125, ge=1, description="images per sampler batch (x2 rows with CFG)")
@@ -69,7 +70,7 @@ class SampleConfig(ConfigSection):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     labels: str = Field("cyclic", description="class models: cyclic | shuffled | label file (.npy/.txt/.json)")
     captions: str | None = Field(None, description="text models: 'dataset' (default) or a caption file URL")
-    dataset: str | None = Field(None, description="text models: caption dataset URL (default: the training data)")
+    dataset: StorageURL | None = Field(None, description="text models: caption dataset URL (default: the training data)")
     text_batch_size: int = Field(256, ge=1, description="captions per text-encoder call")
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     png: bool = Field(False, description="also write png/NNNNNN.png")
@@ -133,16 +134,22 @@ class _Pipeline:
 
     @classmethod
     def build(cls, config: SampleConfig, device: torch.device) -> _Pipeline:
-        state, card = load_weights(config.checkpoint, config.storage_options_for(config.checkpoint))
-        model = build_model(state, card, device)
-        plan = sampling_plan(
-            model, card, num_samples=config.num_samples, seed=config.seed, labels=config.labels,
-            captions=config.captions, dataset=config.dataset, text_batch_size=config.text_batch_size,
-            storage_options=config.storage_options_for, device=device,
-        )
-        spec = DecodeSpec.resolve(config.decode.mode, vae=config.decode.vae, scale=config.decode.latent_scale,
-                                  card=card, in_channels=model.in_channels)
-        return cls(model, plan, Decoder(spec, device, config.decode.batch_size))
+        """Weights, condition plan and decoder; a user mistake in any is a ``UserError`` naming its field."""
+        with _field("checkpoint"):
+            options = config.storage_options_for(config.checkpoint)
+            state, card = load_weights(config.checkpoint, options)
+            model = build_model(state, card, device)
+        with _field("labels" if card.condition == "class" else "captions"):
+            plan = sampling_plan(
+                model, card, num_samples=config.num_samples, seed=config.seed, labels=config.labels,
+                captions=config.captions, dataset=config.dataset, text_batch_size=config.text_batch_size,
+                storage_options=config.storage_options_for, device=device,
+            )
+        with _field("decode"):
+            spec = DecodeSpec.resolve(config.decode.mode, vae=config.decode.vae, scale=config.decode.latent_scale,
+                                      card=card, in_channels=model.in_channels)
+            decoder = Decoder(spec, device, config.decode.batch_size)
+        return cls(model, plan, decoder)
 
     def chunk(self, config: SampleConfig, first: int, last: int, on_batch: Callable[[int], None]) -> np.ndarray:
         """uint8 [last - first, H, W, C] images of samples first .. last - 1, batch by batch."""
@@ -154,6 +161,24 @@ class _Pipeline:
             parts.append(images.permute(0, 2, 3, 1).numpy())
             on_batch(len(indices))
         return np.concatenate(parts)
+
+
+#: the field paths of a SampleConfig: an error message starting with one already names its field
+_FIELD_PATHS = frozenset([*SampleConfig.model_fields, *(f"sampler.{name}" for name in SamplerConfig.model_fields),
+                          *(f"decode.{name}" for name in DecodeConfig.model_fields)])
+
+
+@contextmanager
+def _field(name: str) -> Iterator[None]:
+    """Re-raise the user errors raised inside as :class:`UserError` ``<name>: <message>`` (unless the message
+    starts with a field path already)."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        message = describe(error)
+        if message.split(":", 1)[0] not in _FIELD_PATHS:
+            message = f"{name}: {message}"
+        raise UserError(message) from error
 
 
 def run_sampling(
@@ -215,7 +240,7 @@ _FLAG_FIELDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags default to None (= not given), so only the given ones override the config file."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="SampleConfig YAML (local path or storage URL)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="dotted override, value parsed as YAML (repeatable): --set sampler.steps=50")
@@ -256,10 +281,10 @@ def load_config(args: argparse.Namespace) -> SampleConfig:
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 a user mistake (one ``error:`` line). The rank comes from torchrun's or a Kubernetes
     Indexed Job's environment (:func:`deepflow.ranks.read_dist_env`)."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def body() -> int:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         config = load_config(args)
         where = read_dist_env()
         device = config.device or (

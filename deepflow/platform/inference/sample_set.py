@@ -20,7 +20,7 @@ import numpy as np
 
 from deepflow.artifacts import SampleSetLayout
 from deepflow.platform.inference.prompts import normalize_caption
-from deepflow.storage import Storage
+from deepflow.storage import Storage, set_default_mode
 
 __all__ = ["SampleSet"]
 
@@ -130,12 +130,19 @@ class SampleSet:
         first, _ = self.read_chunk(0)
         local_dir = self.storage.path("") if self.storage.is_local else None  # the space where the file will be
         fd, tmp = tempfile.mkstemp(suffix=".npz", prefix=".samples-", dir=local_dir)
-        os.close(fd)
         try:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-                _write_npy_member(archive, "arr_0", (num_samples, *first.shape[1:]), np.uint8, images())
-                _write_npy_member(archive, "arr_1", (num_samples,), np.int64, labels)
-            self.storage.put_file(tmp, SampleSetLayout.NPZ)
+            with os.fdopen(fd, "wb") as handle:
+                with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+                    _write_npy_member(archive, "arr_0", (num_samples, *first.shape[1:]), np.uint8, images())
+                    _write_npy_member(archive, "arr_1", (num_samples,), np.int64, labels)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if self.storage.is_local:  # already beside its place: rename (atomic, no copy of a multi-GB file)
+                set_default_mode(tmp)  # mkstemp made it 0600; an output is readable like any other file
+                os.replace(tmp, self.storage.path(SampleSetLayout.NPZ))
+            else:
+                self.storage.put_file(tmp, SampleSetLayout.NPZ)
         finally:
-            os.remove(tmp)
+            if os.path.exists(tmp):
+                os.remove(tmp)
         return self.storage.url_of(SampleSetLayout.NPZ)

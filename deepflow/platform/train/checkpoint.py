@@ -57,7 +57,7 @@ from deepflow.artifacts import (
 from deepflow.platform.train.distributed import DistContext
 from deepflow.platform.train.ema import ShardedEMA
 from deepflow.platform.train.engines.base import AsyncSave, Engine
-from deepflow.storage import Storage
+from deepflow.storage import Storage, set_default_mode
 
 __all__ = [
     "CheckpointManager",
@@ -142,6 +142,7 @@ class _StepFiles:
             self._put(local_dir, name, data)
         if self.ema is not None:
             save_file(self.ema, self._local(local_dir, self.ema_name))
+            set_default_mode(self._local(local_dir, self.ema_name))  # safetensors writes 0600
 
     @staticmethod
     def _local(local_dir: str, name: str) -> str:
@@ -397,6 +398,13 @@ class CheckpointManager:
         self._commit_or_raise(pending.step, pending.meta, failed, error)
 
     # --------------------------------------------------------------------------------------------- load
+    def read_config(self, step: int) -> str | None:
+        """The resolved run config (``config.yaml``) saved with ``step``; None when the folder has none."""
+        try:
+            return self.layout.step_storage(step).read_text(CHECKPOINT_CONFIG_NAME)
+        except FileNotFoundError:
+            return None
+
     def load(self, step: int, engine: Engine, ema: ShardedEMA | None) -> dict[str, Any]:
         """Collective: restore engine + EMA of ``step``; returns this rank's saved state (loader, RNG)."""
         step_storage = self.layout.step_storage(step)

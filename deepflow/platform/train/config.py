@@ -4,9 +4,13 @@ A run is described by a YAML file whose top-level sections mirror :class:`RunCon
 (``--set optim.lr=2e-4``) are applied to the raw YAML tree before validation; their values are parsed as YAML
 scalars (``2e-4`` -> float, ``true`` -> bool, ``[1, 2]`` -> list, ``null`` -> None).
 
-Every section forbids unknown keys, so a typo fails loudly. Validation happens before any process group is
-created; :class:`ConfigError` carries one line per problem, each starting with the field path, e.g.
-``optim.lr: Input should be greater than 0``.
+Every section forbids unknown keys, so a typo fails loudly (with the close matches). Validation happens before any
+process group is created; :class:`ConfigError` carries one line per problem, each starting with the field path, e.g.
+``optim.lr: Input should be greater than 0``. It also checks that the model can be built (:func:`check_model_shape`:
+depth vs branches, key layers, width vs heads, input vs patch size) and that URLs have a known protocol;
+:func:`resolve_model_for_dataset` checks the model against the dataset's manifest (channels, size, classes, text vs
+class labels) and :func:`resume_changes` lists what differs from a checkpoint's saved config (changes of the fields
+in :data:`RESUME_FIXED_FIELDS` cannot resume).
 """
 
 from __future__ import annotations
@@ -14,15 +18,24 @@ from __future__ import annotations
 import difflib
 import io
 import os
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
 
 from deepflow.artifacts import Manifest
-from deepflow.models.registry import ModelSpec, model_spec
+from deepflow.configuration import (
+    ConfigError,
+    ConfigSection,
+    StorageURL,
+    apply_overrides,
+    load_validated,
+    validate_tree,
+)
+from deepflow.models.branches import VERA_MODES, check_key_layers
+from deepflow.models.registry import MMDIT_HIDDEN_PER_LAYER, SIZES, ModelSpec, model_spec, parse_model_name
 from deepflow.platform.inference.generate import SamplerConfig
-from deepflow.configuration import ConfigError, ConfigSection, apply_overrides, load_validated, validate_tree
 from deepflow.storage import is_remote_url, write_url_text
 
 __all__ = [
@@ -36,6 +49,12 @@ __all__ = [
     "is_remote_url",
     "storage_options_for",
     "resolve_model_for_dataset",
+    "ConfigChange",
+    "RESUME_FIXED_FIELDS",
+    "RESUME_FREE_FIELDS",
+    "check_model_shape",
+    "model_architecture",
+    "resume_changes",
 ]
 
 
@@ -46,7 +65,7 @@ class RunSection(_Section):
     """Identity of the run and where its outputs go (any fsspec URL or local path)."""
 
     name: str = Field("run", min_length=1)
-    output_dir: str = Field("runs/default", min_length=1)
+    output_dir: StorageURL = Field("runs/default", min_length=1)
     seed: int = Field(0, ge=0)
 
 
@@ -121,7 +140,7 @@ class ObjectiveSection(_Section):
 class DataSection(_Section):
     """Training shards (see docs/architecture.md, Data) and batch size."""
 
-    url: str = Field("", description="dataset directory URL holding manifest.json and shards")
+    url: StorageURL = Field("", description="dataset directory URL holding manifest.json and shards")
     storage_options: dict[str, Any] = Field(default_factory=dict)
     endpoint_url: str | None = None
     global_batch_size: int = Field(256, ge=1)
@@ -192,7 +211,7 @@ class DistributedSection(_Section):
 class CheckpointSection(_Section):
     """Where and how often checkpoints are written."""
 
-    url: str | None = Field(None, description="defaults to <run.output_dir>/checkpoints")
+    url: StorageURL | None = Field(None, description="defaults to <run.output_dir>/checkpoints")
     every: int = Field(5000, ge=1)
     keep_last: int = Field(3, ge=1)
     async_save: bool = Field(False, alias="async")
@@ -242,7 +261,7 @@ class EvalSection(_Section):
 class LoggingSection(_Section):
     """TensorBoard (rank 0) and console progress."""
 
-    tensorboard_dir: str | None = Field(None, description="defaults to <run.output_dir>/tensorboard")
+    tensorboard_dir: StorageURL | None = Field(None, description="defaults to <run.output_dir>/tensorboard")
     console_every: int = Field(10, ge=1)
     peak_tflops: float | None = Field(None, gt=0.0, description="device peak for MFU; default by device")
     storage_options: dict[str, Any] = Field(default_factory=dict)
@@ -293,6 +312,7 @@ class RunConfig(_Section):
         if self.model.ssl_align and self.objective.proj_weight == 0.0:
             raise ValueError("objective.proj_weight: must be > 0 when model.ssl_align is true")
         self._check_model_extra()
+        check_model_shape(self.model)
         if self.model.is_text:
             self._check_text_model()
         elif self.eval.clip_model is not None:
@@ -370,27 +390,136 @@ class RunConfig(_Section):
         return self.data.global_batch_size // denominator
 
 
+def model_architecture(model: ModelSection) -> dict[str, Any]:
+    """What ``create_model(model.name, **model.create_kwargs())`` builds: depth, hidden_size, num_heads,
+    patch_size, key_layers (None: evenly spaced), acc_widths, vera_mode (the registry's defaults + the overrides)."""
+    spec = model.spec
+    kwargs = model.create_kwargs()
+    if spec.depth_in_name:
+        depth, hidden, heads, patch = spec.depth, MMDIT_HIDDEN_PER_LAYER * spec.depth, spec.depth, 2
+    else:
+        size, patch, _ = parse_model_name(model.name)
+        hidden, heads, _ = SIZES[size]
+        depth = kwargs.get("depth") or spec.depth
+    return {
+        "depth": depth, "hidden_size": kwargs.get("hidden_size", hidden), "num_heads": kwargs.get("num_heads", heads),
+        "patch_size": kwargs.get("patch_size", patch), "key_layers": kwargs.get("key_layers"),
+        "acc_widths": kwargs.get("acc_widths"), "vera_mode": kwargs.get("vera_mode", "full"),
+    }
+
+
+def check_model_shape(model: ModelSection) -> None:
+    """ValueError naming the field for a model that cannot be built: depth below the branch count, key layers that
+    do not fit the depth, a width not divisible by the heads (or by 4, the sin-cos position embedding), an input
+    size not divisible by the patch size, malformed ``acc_widths`` / ``vera_mode``, SSL alignment without VeRA."""
+    arch, k, name = model_architecture(model), model.spec.num_branches, model.name
+    depth_field = "model.name" if model.spec.depth_in_name else "model.depth"
+    if arch["depth"] < k:
+        raise ValueError(f"{depth_field}: depth {arch['depth']} is smaller than the {k} branches of {name}")
+    _check_key_layers(arch["key_layers"], arch["depth"], k)
+    hidden, heads = arch["hidden_size"], arch["num_heads"]
+    if hidden % heads:
+        raise ValueError(f"model.hidden_size: {hidden} is not divisible by model.num_heads ({heads}) of {name}")
+    if hidden % 4:
+        raise ValueError(f"model.hidden_size: {hidden} must be divisible by 4 (sin-cos position embedding)")
+    if model.input_size % arch["patch_size"]:
+        raise ValueError(f"model.input_size: {model.input_size} is not divisible by the patch size "
+                         f"{arch['patch_size']} of {name}")
+    widths = arch["acc_widths"]  # the widths of the VeRA blocks (models with >= 2 branches)
+    if k > 1 and widths is not None and not _positive_ints(widths, 3):
+        raise ValueError(f"model.extra.acc_widths: must be 3 positive integers, got {widths!r}")
+    if arch["vera_mode"] not in VERA_MODES:
+        raise ValueError(f"model.extra.vera_mode: {arch['vera_mode']!r} is not one of {', '.join(VERA_MODES)}")
+    if model.ssl_align and (k < 2 or arch["vera_mode"] == "identity"):
+        raise ValueError(f"model.ssl_align: {name} has no VeRA blocks to put the SSL projectors on (needs >= 2 "
+                         "branches and model.extra.vera_mode other than 'identity')")
+
+
+def _positive_ints(value: Any, count: int) -> bool:
+    """True for a list / tuple of ``count`` positive integers."""
+    return (isinstance(value, (list, tuple)) and len(value) == count
+            and all(isinstance(item, int) and not isinstance(item, bool) and item >= 1 for item in value))
+
+
+def _check_key_layers(key_layers: Any, depth: int, k: int) -> None:
+    """``model.extra.key_layers``: k strictly increasing 1-based block counts ending with the depth."""
+    if key_layers is None:
+        return
+    if not isinstance(key_layers, (list, tuple)) or not all(isinstance(b, int) for b in key_layers):
+        raise ValueError(f"model.extra.key_layers: must be a list of {k} block counts, got {key_layers!r}")
+    try:
+        if len(key_layers) != k:
+            raise ValueError("wrong length")
+        check_key_layers(list(key_layers), depth)
+    except ValueError:
+        raise ValueError(f"model.extra.key_layers: {list(key_layers)} must be {k} strictly increasing block counts "
+                         f"ending with the depth ({depth})") from None
+
+
 def resolve_model_for_dataset(cfg: RunConfig, manifest: Manifest | None) -> RunConfig:
     """Check the model against the dataset's manifest and fill what the dataset decides; return the updated config.
 
-    Text models need a caption dataset (manifest ``text`` set); ``model.extra.context_dim`` / ``pooled_dim`` are
-    taken from the manifest's ``text.dim`` / ``text.pooled_dim`` when unset and must equal them when set
-    (:class:`ConfigError` naming ``model.extra.context_dim`` otherwise); ``max_text_length`` (FLOP count only) is
-    filled from ``text.max_length``. Class-conditional models are refused on caption datasets (no labels).
-    A config without a manifest is returned unchanged.
+    Every model: ``model.in_channels`` / ``model.input_size`` must equal the manifest's ``shape`` [C,H,W] (VAE
+    latents or pixels). Class-conditional models are refused on caption datasets (no labels) and need
+    ``model.num_classes`` >= the dataset's ``num_classes``. Text models need a caption dataset (manifest ``text``
+    set); ``model.extra.context_dim`` / ``pooled_dim`` are taken from the manifest's ``text.dim`` /
+    ``text.pooled_dim`` when unset and must equal them when set; ``max_text_length`` (FLOP count only) is filled
+    from ``text.max_length``. Every mismatch is a :class:`ConfigError` naming the field. A config without a
+    manifest is returned unchanged.
     """
     if manifest is None:
         return cfg
-    model = cfg.model
-    text = manifest.text
-    url = cfg.data.url
-    if not model.is_text:
-        if text or manifest.has_captions:
-            raise ConfigError(
-                f"model.name: {model.name} is class-conditional but data.url={url} is a caption dataset (no class "
-                "labels); use a text-to-image model such as 'DeepFlow-MMDiT-24-3T'"
-            )
+    if not cfg.model.is_text:
+        _check_class_dataset(cfg, manifest)
+        _check_sample_shape(cfg, manifest)
         return cfg
+    extra = _text_extra(cfg, manifest)
+    _check_sample_shape(cfg, manifest)
+    updated = cfg.model_copy(deep=True)
+    updated.model.extra = extra
+    return updated
+
+
+def _dataset_words(cfg: RunConfig, manifest: Manifest) -> str:
+    """``data.url=<url> holds VAE latents [4, 32, 32] [C,H,W]`` (or pixel images)."""
+    kind = "VAE latents" if manifest.kind == "vae" else "pixel images"
+    return f"data.url={cfg.data.url} holds {kind} of shape {list(manifest.shape)} [C,H,W]"
+
+
+def _check_sample_shape(cfg: RunConfig, manifest: Manifest) -> None:
+    """``model.in_channels`` and ``model.input_size`` equal the dataset's [C, H, W] (square samples)."""
+    shape = manifest.shape
+    if len(shape) != 3:
+        return
+    channels, height, width = (int(value) for value in shape)
+    model = cfg.model
+    if height != width:
+        raise ConfigError(f"model.input_size: the model takes square inputs but {_dataset_words(cfg, manifest)}")
+    for field_name, value, expected in (("in_channels", model.in_channels, channels),
+                                        ("input_size", model.input_size, height)):
+        if int(value) != expected:
+            raise ConfigError(f"model.{field_name}: {value} does not match the dataset: {_dataset_words(cfg, manifest)}"
+                              f"; set model.{field_name}={expected}")
+
+
+def _check_class_dataset(cfg: RunConfig, manifest: Manifest) -> None:
+    """A class-conditional model needs labels (not captions) and an embedding row for every class."""
+    model, url = cfg.model, cfg.data.url
+    if manifest.text or manifest.has_captions:
+        raise ConfigError(
+            f"model.name: {model.name} is class-conditional but data.url={url} is a caption dataset (no class "
+            "labels); use a text-to-image model such as 'DeepFlow-MMDiT-24-3T'"
+        )
+    if manifest.num_classes > model.num_classes:
+        raise ConfigError(
+            f"model.num_classes: {model.num_classes} is smaller than the {manifest.num_classes} classes of "
+            f"data.url={url} (labels 0..{manifest.num_classes - 1}); set model.num_classes={manifest.num_classes}"
+        )
+
+
+def _text_extra(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
+    """``model.extra`` of a text model with the caption widths of the dataset filled in (and checked)."""
+    model, url, text = cfg.model, cfg.data.url, manifest.text
     if not text:
         raise ConfigError(
             f"model.name: {model.name} is a text-to-image model but data.url={url} has no caption embeddings "
@@ -411,18 +540,7 @@ def resolve_model_for_dataset(cfg: RunConfig, manifest: Manifest | None) -> RunC
             )
     if extra.get("max_text_length") is None and text.max_length:
         extra["max_text_length"] = int(text.max_length)
-    shape = manifest.shape
-    if shape and len(shape) == 3:
-        for field_name, value, expected in (("in_channels", model.in_channels, shape[0]),
-                                            ("input_size", model.input_size, shape[1])):
-            if int(value) != int(expected):
-                raise ConfigError(
-                    f"model.{field_name}: {value} does not match the dataset (data.url={url} holds {list(shape)} "
-                    f"[C,H,W] samples)"
-                )
-    updated = cfg.model_copy(deep=True)
-    updated.model.extra = extra
-    return updated
+    return extra
 
 
 def storage_options_for(url: str, *candidates: dict[str, Any] | None) -> dict[str, Any]:
@@ -483,3 +601,75 @@ def config_to_yaml(config: RunConfig, redact_secrets: bool = True) -> str:
 def save_config(config: RunConfig, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
     """Write the resolved config to a local path or fsspec URL."""
     write_url_text(str(url), config_to_yaml(config), storage_options)
+
+
+# ------------------------------------------------------------------------------------------------- resume
+#: settings a checkpoint cannot resume with when changed: the model's shape (every ``model.*`` field except
+#: :data:`RESUME_FREE_FIELDS`), the engine and its state layout, and how the global batch is split
+RESUME_FIXED_FIELDS = ("model", "distributed.engine", "distributed.zero_stage", "data.global_batch_size",
+                       "schedule.grad_accumulation", "precision")
+#: fields under a fixed prefix that may still change (no effect on the saved state)
+RESUME_FREE_FIELDS = ("model.gradient_checkpointing",)
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    """One field whose value differs between a checkpoint's config and the current one."""
+
+    path: str
+    saved: Any
+    current: Any
+
+    @property
+    def fixed(self) -> bool:
+        """True when a checkpoint cannot resume with this change (see :data:`RESUME_FIXED_FIELDS`)."""
+        if _under(self.path, RESUME_FREE_FIELDS):
+            return False
+        return _under(self.path, RESUME_FIXED_FIELDS)
+
+    def __str__(self) -> str:
+        return f"{self.path} ({_short(self.saved)} -> {_short(self.current)})"
+
+
+def _under(path: str, prefixes: tuple[str, ...]) -> bool:
+    return any(path == prefix or path.startswith(prefix + ".") for prefix in prefixes)
+
+
+def _short(value: Any) -> str:
+    text = "unset" if value is _ABSENT else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_ABSENT = object()
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are values)."""
+    if not isinstance(node, dict) or (prefix and not node):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated recursively by ``top``."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def resume_changes(saved_yaml: str, cfg: RunConfig) -> list[ConfigChange]:
+    """The fields of ``cfg`` that differ from a checkpoint's ``config.yaml`` (both resolved, secrets redacted;
+    fields the saved config lacks, e.g. added by a later version, count with their default)."""
+    defaults = yaml.safe_load(config_to_yaml(RunConfig()))
+    saved = _flatten(_merged(defaults, yaml.safe_load(saved_yaml) or {}))
+    current = _flatten(yaml.safe_load(config_to_yaml(cfg)))
+    changes = []
+    for path in sorted(set(saved) | set(current)):
+        before, after = saved.get(path, _ABSENT), current.get(path, _ABSENT)
+        if before != after:
+            changes.append(ConfigChange(path, before, after))
+    return changes

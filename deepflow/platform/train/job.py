@@ -4,8 +4,12 @@
     torchrun --nproc_per_node 8 jobs/train.py --config configs/imagenet256/deepflow-xl2-3t.yaml
     deepspeed jobs/train.py --config configs/imagenet256/deepflow-xl2-3t.yaml --set distributed.engine=deepspeed
 
-The config is validated (with the overrides) before any process group starts; a bad field exits with status 2
-and a message naming its path. SIGTERM saves a checkpoint and exits 0; rerunning resumes from the newest one.
+The config is validated (with the overrides) and the model checked against the dataset's manifest (channels,
+size, classes, captions) before any process group starts; a mistake prints one line ``error: <field or URL>:
+<what is wrong>`` and exits with status 2 (``DEEPFLOW_DEBUG=1`` shows the traceback instead). Resuming with a
+changed model shape, engine, ZeRO stage, global batch size, gradient accumulation or precision is refused the same
+way; other changes are applied with one warning line. A run stopped by non-finite losses exits with status 3.
+SIGTERM saves a checkpoint and exits 0; rerunning resumes from the newest one.
 """
 
 from __future__ import annotations
@@ -14,27 +18,45 @@ import argparse
 import os
 import sys
 
-from deepflow.platform.train.config import ConfigError, load_config
+from deepflow.errors import USER_ERRORS, JobArgumentParser, UserError, describe, report_user_errors
+from deepflow.platform.train.config import ConfigError, RunConfig, load_config, resolve_model_for_dataset
+
+__all__ = ["build_parser", "check_dataset", "main", "parse_args"]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The job's flags (usage errors raise :class:`~deepflow.errors.UsageError`)."""
+    parser = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="run config YAML (local path or fsspec URL)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
         help="dotted override, value parsed as YAML (repeatable): --set optim.lr=2e-4",
     )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
-    return parser.parse_args(argv)
+    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def check_dataset(cfg: RunConfig) -> RunConfig:
+    """``cfg`` resolved against the manifest of ``data.url`` (see ``resolve_model_for_dataset``), read before any
+    process group exists; a missing dataset or manifest is a :class:`UserError` naming ``data.url``."""
+    from deepflow.artifacts import read_manifest
+
+    if not cfg.data.url:
+        raise ConfigError("data.url: required: the URL of a precomputed dataset (a folder with manifest.json)")
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"invalid config {args.config}:\n{error}", file=sys.stderr)
-        return 2
+        manifest = read_manifest(cfg.data.url, cfg.data.resolved_storage_options())
+    except USER_ERRORS as error:
+        raise UserError(f"data.url: {describe(error)}") from error
+    return resolve_model_for_dataset(cfg, manifest)
+
+
+def _train(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    cfg = check_dataset(load_config(args.config, args.overrides))
     if "DS_ACCELERATOR" not in os.environ:
         import torch
 
@@ -47,11 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"training stopped: {error}", file=sys.stderr)
         return 3
-    except ConfigError as error:
-        print(f"invalid config {args.config}:\n{error}", file=sys.stderr)
-        return 2
     print(f"training {result.status} at step {result.final_step}", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done (or preempted and checkpointed), 2 a user mistake (one ``error:`` line), 3 stopped by
+    non-finite losses."""
+    return report_user_errors(lambda: _train(argv))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +35,17 @@ from deepflow.platform.inference.conditions import dataset_plan
 from deepflow.platform.inference.generate import DecodeSpec, Decoder, generate, to_uint8
 from deepflow.platform.train.config import RunConfig, storage_options_for
 from deepflow.platform.train.distributed import DistContext
-from deepflow.platform.train.tb_logging import TrainLogger
+from deepflow.platform.train.tb_logging import TrainLogger, console_logger
 from deepflow.storage import join_url, read_url_bytes, write_url_bytes
 
-__all__ = ["EvalSamples", "Evaluator", "make_grid_uint8"]
+__all__ = ["EvalSamples", "Evaluator", "eval_line", "make_grid_uint8"]
+
+
+def eval_line(step: int, metrics: dict[str, float], num_samples: int, seconds: float) -> str:
+    """The console line of one evaluation: ``eval step 500: fd_classifier 19.3, class_accuracy 0.6 (250 samples,
+    12.5 s)``."""
+    values = ", ".join(f"{name.removeprefix('eval/')} {value:.4g}" for name, value in sorted(metrics.items()))
+    return f"eval step {step}: {values or 'sample grid written'} ({num_samples} samples, {seconds:.1f} s)"
 
 
 def make_grid_uint8(images: torch.Tensor, max_images: int) -> torch.Tensor:
@@ -186,6 +194,7 @@ class Evaluator:
         if not self.active:
             return {}
         assert self.model is not None and weights is not None
+        started = time.perf_counter()
         self.model.load_state_dict({k: v.to(self.ctx.device) for k, v in weights.items()})
         offset, count = self._share()
         batch = self.samples(count, offset)
@@ -204,6 +213,7 @@ class Evaluator:
             metrics.update(self._feature_metrics(feats, labels, batch.captions is None))
         if metrics:
             self.logger.scalars(step, metrics)
+        console_logger(self.ctx.rank).info(eval_line(step, metrics, len(labels), time.perf_counter() - started))
         return metrics
 
     def _gather(self, feats: np.ndarray | None, clip_scores: torch.Tensor | None, labels: torch.Tensor

@@ -35,7 +35,14 @@ from deepflow.platform.train.checkpoint import (
     capture_rng_state,
     restore_rng_state,
 )
-from deepflow.platform.train.config import RunConfig, config_to_yaml, resolve_model_for_dataset, save_config
+from deepflow.platform.train.config import (
+    ConfigError,
+    RunConfig,
+    config_to_yaml,
+    resolve_model_for_dataset,
+    resume_changes,
+    save_config,
+)
 from deepflow.platform.train.distributed import (
     DistContext,
     init_distributed,
@@ -44,6 +51,7 @@ from deepflow.platform.train.distributed import (
     step_generator,
 )
 from deepflow.platform.train.ema import ShardedEMA
+from deepflow.platform.train.summary import startup_summary
 from deepflow.platform.train.engines import Engine, build_engine, engine_class
 from deepflow.platform.train.tb_logging import TrainLogger, branch_layout, console_logger, peak_tflops_for
 from deepflow.storage import join_url
@@ -67,10 +75,15 @@ class TrainResult:
 
 
 def _build_model(cfg: RunConfig) -> torch.nn.Module:
+    """The model of ``cfg.model`` (identical initial weights on every rank); a shape the config checks missed is a
+    :class:`ConfigError` naming the section."""
     from deepflow.models import create_model
 
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    return create_model(cfg.model.name, **cfg.model.create_kwargs())
+    torch.manual_seed(cfg.run.seed)
+    try:
+        return create_model(cfg.model.name, **cfg.model.create_kwargs())
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"model: cannot build {cfg.model.name}: {error}") from error
 
 
 def _build_loader(cfg: RunConfig, ctx: DistContext) -> ShardLoader:
@@ -203,12 +216,35 @@ class Trainer:
         latest = self.checkpoints.latest_step()
         if latest is None:
             return
+        self._check_resumed_config(latest)
         state = self.checkpoints.load(latest, self.engine, self.ema)
         self.loader.load_state_dict(state["loader"])
         restore_rng_state(state["rng"])
         self.skipped = list(state.get("skipped", []))
         self.step = latest
         self.log.info(f"resumed from {self.checkpoints.step_url(latest)}")
+
+    def _check_resumed_config(self, step: int) -> None:
+        """Compare the config with the one saved in checkpoint ``step``: changes of the model's shape, the engine's
+        state layout or the batch split are refused (:class:`ConfigError` naming the fields); other changes (lr,
+        schedule length, eval / logging / checkpoint settings ...) are applied with one warning line."""
+        saved = self.checkpoints.read_config(step)
+        if saved is None:
+            return
+        changes = resume_changes(saved, self.cfg)
+        url = self.checkpoints.step_url(step)
+        refused = [change for change in changes if change.fixed]
+        if refused:
+            fields = ", ".join(str(change) for change in refused)
+            raise ConfigError(
+                f"{fields}: cannot change when resuming from {url} (the model's shape, distributed.engine, "
+                "distributed.zero_stage, data.global_batch_size, schedule.grad_accumulation and precision are "
+                "fixed by the checkpoint); restore the checkpoint's values or start a new run (another "
+                "run.output_dir or checkpoint.url)"
+            )
+        if changes and self.ctx.is_main:
+            self.log.warning(f"warning: resuming from {url} with changed settings (applied): "
+                             + ", ".join(str(change) for change in changes))
 
     # ------------------------------------------------------------------------------------------ loop
     def _lr(self, step: int) -> float:
@@ -288,6 +324,9 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.cfg
         self.resume()
+        if self.ctx.is_main:
+            for line in startup_summary(self):
+                self.log.info(line)
         if self.ctx.is_main and self.step == 0:
             save_config(cfg, join_url(cfg.run.output_dir, "config.yaml"), cfg.output_storage_options())
             self.logger.set_layout(branch_layout(self.num_branches, cfg.model.ssl_align))
@@ -429,11 +468,16 @@ def train(cfg: RunConfig, local_rank_arg: int | None = None) -> TrainResult:
     ctx = init_distributed(
         cfg.distributed.backend, cfg.distributed.timeout_minutes, local_rank_arg, require_group=require_group
     )
-    cfg.per_rank_batch_size(ctx.world_size)  # fail early with the field path
-    seed_everything(cfg.run.seed, ctx.rank)
     try:
+        cfg.per_rank_batch_size(ctx.world_size)  # fail early with the field path
+        seed_everything(cfg.run.seed, ctx.rank)
         trainer = Trainer(cfg, ctx)
         result = trainer.run()
+    except ConfigError:
+        # every rank found the same mistake (same config, same files): leave without a collective
+        if ctx.distributed:
+            dist.destroy_process_group()
+        raise
     except NonFiniteLossError:
         shutdown_distributed(ctx)
         raise

@@ -113,5 +113,5 @@ def test_sample_job_command_samples_a_converted_model(reference, tmp_path) -> No
     assert images.shape == (4, 16, 16, 3) and labels.tolist() == [0, 1, 2, 3]  # 8x8 latents, 2x VAE upsampling
     bad = subprocess.run([*command[:4], str(tmp_path / "typo.safetensors"), "--out", str(tmp_path / "s2")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith(f"error: {tmp_path / 'typo.safetensors'}: no ")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith(f"error: checkpoint: {tmp_path / 'typo.safetensors'}: no ")
     assert "Traceback" not in bad.stderr and not (tmp_path / "s2" / "sampling.json").exists()

@@ -26,6 +26,7 @@ from deepflow.artifacts import (
     write_export,
 )
 from deepflow.configuration import ConfigError, load_validated
+from deepflow.errors import UserError
 from deepflow.models import create_model
 from deepflow.platform.inference.conditions import label_plan
 from deepflow.platform.inference.generate import initial_noise
@@ -127,7 +128,7 @@ def test_config_validation_and_fingerprint() -> None:
         load_validated(SampleConfig, tree={**base, "chunk_size": 5, "batch_size": 2})
     with pytest.raises(ConfigError, match=r"^sampler\.guidance_interval: .*0 <= low <= high <= 1"):
         load_validated(SampleConfig, tree=base, overrides=["sampler.guidance_interval=[0.5, 0.2]"])
-    with pytest.raises(ConfigError, match=r"^sampler\.stepz: Extra inputs are not permitted"):
+    with pytest.raises(ConfigError, match=r"^sampler\.stepz: unknown field; did you mean sampler\.steps\?"):
         load_validated(SampleConfig, tree=base, overrides=["sampler.stepz=3"])
     with pytest.raises(ConfigError, match=r"^npz: nothing to write"):
         load_validated(SampleConfig, tree={**base, "npz": False})
@@ -190,7 +191,7 @@ def test_user_mistakes_are_one_line_and_write_nothing(pixel_export, tmp_path, ca
     typo = str(tmp_path / "exprot")
     assert main(["--checkpoint", typo, "--out", str(out), "--num-samples", "2", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {typo}: neither an export"), err
+    assert len(err) == 1 and err[0].startswith(f"error: checkpoint: {typo}: neither an export"), err
     assert not (out / "sampling.json").exists()  # a typo does not block the output folder
     # the same folder then works with the right checkpoint
     assert main(["--checkpoint", pixel_export, "--out", str(out), "--num-samples", "2", "--chunk-size", "2",
@@ -202,7 +203,7 @@ def test_user_mistakes_are_one_line_and_write_nothing(pixel_export, tmp_path, ca
         (["--checkpoint", pixel_export, "--out", str(tmp_path / "o2"), "--captions", "p.txt"],
          "error: captions: applies to text-to-image models"),
         (["--checkpoint", pixel_export, "--out", str(tmp_path / "o2"), "--labels", str(tmp_path / "none.npy")],
-         f"error: {tmp_path / 'none.npy'}"),
+         f"error: labels: {tmp_path / 'none.npy'}"),
         (["--checkpoint", pixel_export, "--out", str(out), "--num-samples", "3"],
          f"error: out: {out} holds samples made with other settings"),
         (["--out", str(out)], "error: checkpoint: Field required"),
@@ -214,8 +215,9 @@ def test_user_mistakes_are_one_line_and_write_nothing(pixel_export, tmp_path, ca
         assert len(err) == 1 and err[0].startswith(expected), (argv, err)
     assert not (tmp_path / "o2").exists()
     monkeypatch.setenv("DEEPFLOW_DEBUG", "1")
-    with pytest.raises(FileNotFoundError, match="neither an export"):
+    with pytest.raises(UserError, match="^checkpoint: .*neither an export") as info:  # the traceback, with its cause
         main(["--checkpoint", typo, "--out", str(tmp_path / "o3")])
+    assert isinstance(info.value.__cause__, FileNotFoundError)
 
 
 def _write_checkpoint_step(root: Path, step: int, weights: dict[str, torch.Tensor], committed: bool) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from deepflow.storage import set_default_mode
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -40,6 +42,7 @@ def _write_state(state: dict[str, Any], local_dir: str) -> None:
     """``model.safetensors`` + ``optimizer.pt`` (optimizer and grad-scaler state) from a CPU copy of the state."""
     os.makedirs(local_dir, exist_ok=True)
     save_file(state["model"], os.path.join(local_dir, "model.safetensors"))
+    set_default_mode(os.path.join(local_dir, "model.safetensors"))  # safetensors writes 0600
     torch.save({"optimizer": state["optimizer"], "scaler": state["scaler"]}, os.path.join(local_dir, "optimizer.pt"))
 
 
