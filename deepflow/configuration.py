@@ -21,6 +21,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from deepflow.errors import UserError
+from deepflow.storage import check_storage_url
 
 __all__ = [
     "ConfigError",
@@ -48,25 +49,6 @@ class ConfigSection(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are validated, aliases accepted."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
-
-
-def check_storage_url(url: str) -> str:
-    """``url`` unchanged when it is a local path or its protocol is one fsspec knows; ValueError ``<url>: unsupported
-    storage URL (...)`` naming the close matches otherwise (a config's validation puts the field path in front).
-    Nothing is imported or contacted: a known protocol whose package is missing fails when it is opened."""
-    if "://" not in url and "::" not in url:
-        return url
-    import fsspec
-    from fsspec.utils import get_protocol
-
-    protocol = get_protocol(url)
-    known = fsspec.available_protocols()
-    if protocol in known:
-        return url
-    close = difflib.get_close_matches(protocol, known, n=2, cutoff=0.6)
-    hint = f", did you mean {' or '.join(f'{name}://' for name in close)}?" if close else "."
-    raise ValueError(f"{url}: unsupported storage URL (protocol {protocol!r} is not known{hint} Use a local path "
-                     "or an fsspec URL such as file://, s3://, gs://, az://)")
 
 
 #: a ``str`` field holding a storage URL or local path, checked by :func:`check_storage_url`

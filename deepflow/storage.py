@@ -23,6 +23,7 @@ or the caller's ``storage_options``; they are never logged.
 
 from __future__ import annotations
 
+import difflib
 import io
 import json
 import logging
@@ -60,6 +61,7 @@ __all__ = [
     "retry_policy",
     "set_default_mode",
     "set_retry_policy",
+    "check_storage_url",
     "filesystem",
     "split_url",
     "url_exists",
@@ -255,10 +257,28 @@ def resolve_storage_options(
     return options
 
 
+def check_storage_url(url: str) -> str:
+    """``url`` unchanged when it is a local path or its protocol is one fsspec knows; ValueError ``<url>: unsupported
+    storage URL (...)`` naming the close matches otherwise (a config's validation puts the field path in front).
+    Nothing is imported or contacted: a known protocol whose package is missing fails when it is opened."""
+    if "://" not in url and "::" not in url:
+        return url
+    from fsspec.utils import get_protocol
+
+    protocol = get_protocol(url)
+    known = fsspec.available_protocols()
+    if protocol in known:
+        return url
+    close = difflib.get_close_matches(protocol, known, n=2, cutoff=0.6)
+    hint = f", did you mean {' or '.join(f'{name}://' for name in close)}?" if close else "."
+    raise ValueError(f"{url}: unsupported storage URL (protocol {protocol!r} is not known{hint} Use a local path "
+                     "or an fsspec URL such as file://, s3://, gs://, az://)")
+
+
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(fsspec filesystem, path) of ``url`` with resolved options; the filesystem's own retry loop is switched
     off (s3fs ``retries`` = 1 attempt) so that :func:`with_retries` is the only one."""
-    options = resolve_storage_options(url, storage_options)
+    options = resolve_storage_options(check_storage_url(url), storage_options)
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except (ValueError, ImportError) as error:  # e.g. "Protocol not known: ftp2"
