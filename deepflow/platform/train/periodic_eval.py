@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from deepflow.artifacts import Manifest
+from deepflow.platform.eval.evaluator import ReferenceBatch, reference_stat_keys
 from deepflow.platform.eval.extractors import LabelScorer, SelfReferencedExtractor, build_extractor
 from deepflow.platform.inference.conditions import dataset_plan
 from deepflow.platform.inference.generate import DecodeSpec, Decoder, generate, to_uint8
@@ -127,8 +128,13 @@ class Evaluator:
         if reference == "data":
             return feature_statistics(self._features(self._data_images(self.cfg.eval.reference_samples)))
         payload = np.load(io.BytesIO(read_url_bytes(reference, self.reference_storage_options)), allow_pickle=False)
-        if "mu" in payload and "sigma" in payload:
-            return np.asarray(payload["mu"], np.float64), np.asarray(payload["sigma"], np.float64)
+        keys = reference_stat_keys(self.extractor.name)  # Inception: the ADM mu / sigma; others: mu_<name> ...
+        if all(key in payload for key in keys):  # checked against the extractor's feature size
+            stored = ReferenceBatch(stats={key: payload[key] for key in keys}, url=reference)
+            return stored.statistics(self.extractor.name, self.extractor.dim)
+        if "arr_0" not in payload and any(name.startswith("mu") for name in payload.files):
+            raise ValueError(f"eval.reference: {reference} holds statistics {sorted(payload.files)} but no images and "
+                             f"no {'/'.join(keys)} for the {self.extractor.name} extractor")
         key = "arr_0" if "arr_0" in payload else payload.files[0]
         images = _as_nchw_uint8(payload[key][: self.cfg.eval.reference_samples])
         return feature_statistics(self._features(images))
