@@ -22,6 +22,12 @@ def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.to(torch.float32) / 127.5 - 1.0
 
 
+def unit_range_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """float [..] in [-1, 1] -> uint8 0..255: the exact inverse of :func:`to_unit_range` (float16 pixel shards store
+    ``u / 127.5 - 1``; their rounding error, < 0.07 levels, vanishes in the rounding)."""
+    return np.clip(np.rint((pixels.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
 class PixelEncoder:
     """Identity: stores ``pixels`` as uint8 ``[B, C, R, R]`` or float16 in [-1, 1]."""
 

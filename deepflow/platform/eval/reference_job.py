@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from deepflow.artifacts import Manifest, ShardEntry, read_manifest
 from deepflow.configuration import ConfigError, flag_overrides, load_tree, load_validated
 from deepflow.data_pipeline.config import PreprocessConfig
+from deepflow.data_pipeline.encoders import unit_range_to_uint8
 from deepflow.data_pipeline.loader import expand_pattern, split_dataset_url
 from deepflow.data_pipeline.preprocess import decode_image_bytes, preprocess_image
 from deepflow.data_pipeline.shards import Block, decode_shard, sha256_hex
@@ -242,12 +243,6 @@ def shard_stream(cfg: ReferenceConfig) -> ImageStream:
     description = {"shards": cfg.shards, "kind": manifest.kind, "shape": manifest.shape,
                    "num_shards": len(shards), "num_samples": available}
     return ImageStream(_shard_batches(storage, manifest, shards, total, cfg.batch_size), total, description)
-
-
-def unit_range_to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """float [..] in [-1, 1] -> uint8 0..255: the exact inverse of ``data_pipeline.encoders.to_unit_range`` (float16
-    pixel shards store ``u / 127.5 - 1``; their rounding error, < 0.07 levels, vanishes in the rounding)."""
-    return np.clip(np.rint((pixels.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def _block_images(block: Block, manifest: Manifest, where: str) -> np.ndarray:
