@@ -1,22 +1,25 @@
 """Training loader over a precomputed dataset (see docs/architecture.md, "Data").
 
 ```python
-loader = ShardLoader("s3://bucket/imagenet256-sdvae", batch_size=32, rank=r, world_size=w, num_workers=2,
-                     shuffle_buffer=1000, seed=0, flip=True, storage_options=None, on_error="skip")
+loader = ShardLoader("s3://bucket/imagenet256-sdvae", batch_size=32, rank=r, world_size=w, streams=64,
+                     num_workers=2, shuffle_buffer=1000, seed=0, flip=True, storage_options=None, on_error="skip")
 for batch in loader:   # infinite
     batch["x"]         # float32 [B, C, H, W]: (mean + std * eps) * latent_scale, or pixels in [-1, 1]
     batch["y"]         # int64 [B] class labels (-1 for caption datasets)
     batch["text_emb"], batch["text_mask"], batch["text_pooled"]   # caption datasets: float32 [B, L, D],
                        # bool [B, L], float32 [B, P]; one caption per sample drawn each step
     batch["image"]     # uint8 [B, 3, R, R] when the dataset keeps images (flipped like x)
+    batch["streams"]   # list[int]: the stream of each chunk of ``loader.chunk_size`` rows, in row order
 state = loader.state_dict()    # JSON-able; a new loader + load_state_dict(state) continues exactly
 ```
 
-The sample order and every random draw are pure functions of (seed, epoch, rank, worker, batch index)
-(:mod:`deepflow.data_pipeline.stream`); the state is each worker's position.  With ``num_workers = K > 0``
-K logical workers (threads by default, or DataLoader processes) are served round-robin, so a resumed loader
-(same ``num_workers``, ``world_size`` and ``batch_size``) continues exactly; the order depends on
-``num_workers``.
+The dataset is read as ``streams`` sample streams (:mod:`deepflow.data_pipeline.stream`): the sample order and
+every random draw are pure functions of (seed, epoch, stream, chunk index). A batch of rank r is one chunk of
+each of its streams ``r::world_size`` (``chunk_size = batch_size * world_size / streams`` rows each), so the
+global batch, its order and its randomness are the same on any number of ranks that divides ``streams``; the
+state is each stream's position (:meth:`ShardLoader.merge_states` joins the ranks' states into one that any
+world size loads). ``num_workers`` background readers (threads by default, or DataLoader processes) serve the
+rank's streams; they change the speed, never the order.
 
 ``url`` is a dataset directory, its ``manifest.json``, or a pattern of shard names inside it
 (``.../shard-0000-*.tar``, ``.../shard-{0000..0003}-000000.tar``) to use a subset.
@@ -41,11 +44,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from deepflow.artifacts import MANIFEST_NAME, Manifest, read_manifest
 from deepflow.storage import Storage
 from .shards import Block, decode_shard
-from .stream import Position, SampleStream, StreamSpec, worker_windows
+from .stream import Position, SampleStream, StreamSpec, stream_windows
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def split_dataset_url(url: str) -> tuple[str, str | None]:
@@ -65,12 +68,14 @@ def expand_pattern(pattern: str) -> list[str]:
     return list(braceexpand.braceexpand(pattern))
 
 
-def _tag(batch: dict[str, Any], worker: int, position: Position, stream: SampleStream) -> dict[str, Any]:
-    batch["_worker"] = worker
-    batch["_position"] = position.to_json()
-    batch["_corrupt"] = list(stream.corrupt)
-    stream.corrupt.clear()
-    return batch
+@dataclasses.dataclass
+class _Chunk:
+    """One stream's chunk for one batch, with the stream's position after it and the shards it skipped."""
+
+    stream: int
+    batch: dict[str, Any]
+    position: dict[str, int]
+    corrupt: list[str]
 
 
 @dataclasses.dataclass
@@ -78,21 +83,38 @@ class _Failure:
     error: BaseException
 
 
+def _group_items(spec: StreamSpec, streams: list[int], positions: dict[int, Position],
+                 ) -> Iterator[list[_Chunk]]:
+    """For each batch index: the next chunk of every stream of the group ``streams`` (in that order)."""
+    readers = [SampleStream(spec, stream) for stream in streams]
+    iterators = [reader.batches(positions[stream]) for reader, stream in zip(readers, streams)]
+    try:
+        while True:
+            item = []
+            for reader, iterator in zip(readers, iterators):
+                batch, after = next(iterator)
+                item.append(_Chunk(reader.stream, batch, after.to_json(), list(reader.corrupt)))
+                reader.corrupt.clear()
+            yield item
+    finally:
+        for reader in readers:
+            reader.close()
+
+
 class _ThreadWorkers:
-    """K background threads, one per logical worker, each filling its own bounded queue; the consumer
-    takes batches round-robin starting at logical worker ``first``.
+    """K background threads, one per group of streams, each filling its own bounded queue; the consumer takes one
+    item from every queue per batch.
 
     Threads suffice: the per-batch work (object-store reads, sha256, tar slicing, numpy gathers, torch
     sampling) runs in C code that releases the GIL, and nothing is copied between processes.
     """
 
-    def __init__(self, spec: StreamSpec, positions: list[Position], first: int, prefetch: int = 2) -> None:
-        self.spec = spec
-        self.first = first
+    def __init__(self, spec: StreamSpec, groups: list[list[int]], positions: dict[int, Position],
+                 prefetch: int = 2) -> None:
         self.stop = threading.Event()
-        self.queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=prefetch) for _ in positions]
-        self.threads = [threading.Thread(target=self._run, args=(k, positions[k]), daemon=True,
-                                         name=f"shard-loader-{spec.rank}-{k}") for k in range(len(positions))]
+        self.queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=prefetch) for _ in groups]
+        self.threads = [threading.Thread(target=self._run, args=(k, spec, group, positions), daemon=True,
+                                         name=f"shard-loader-{k}") for k, group in enumerate(groups)]
         for thread in self.threads:
             thread.start()
 
@@ -105,32 +127,29 @@ class _ThreadWorkers:
                 continue
         return False
 
-    def _run(self, worker: int, position: Position) -> None:
-        stream = SampleStream(self.spec, worker)
+    def _run(self, worker: int, spec: StreamSpec, group: list[int], positions: dict[int, Position]) -> None:
         try:
-            for batch, after in stream.batches(position):
-                if not self._put(worker, _tag(batch, worker, after, stream)):
+            for item in _group_items(spec, group, positions):
+                if not self._put(worker, item):
                     return
         except BaseException as error:  # noqa: BLE001 - handed to the consumer thread
             self._put(worker, _Failure(error))
-        finally:
-            stream.close()
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        index = self.first
+    def _get(self, worker: int) -> Any:
         while True:
-            worker = index % len(self.queues)
-            while True:
-                try:
-                    item = self.queues[worker].get(timeout=1.0)
-                    break
-                except queue.Empty:
-                    if not self.threads[worker].is_alive() and self.queues[worker].empty():
-                        raise RuntimeError(f"loader worker thread {worker} ended without a batch") from None
+            try:
+                item = self.queues[worker].get(timeout=1.0)
+            except queue.Empty:
+                if not self.threads[worker].is_alive() and self.queues[worker].empty():
+                    raise RuntimeError(f"loader reader thread {worker} ended without a batch") from None
+                continue
             if isinstance(item, _Failure):
                 raise item.error
-            yield item
-            index += 1
+            return item
+
+    def __iter__(self) -> Iterator[list[_Chunk]]:
+        while True:
+            yield [chunk for worker in range(len(self.queues)) for chunk in self._get(worker)]
 
     def close(self) -> None:
         self.stop.set()
@@ -141,28 +160,42 @@ class _ThreadWorkers:
             thread.join(timeout=10)
 
 
-class _WorkerStreams(IterableDataset[dict[str, Any]]):
-    """DataLoader dataset: physical worker j serves logical worker (j + rotation) % K."""
+class _GroupDataset(IterableDataset[list[_Chunk]]):
+    """DataLoader dataset: worker process j serves stream group j (one item per batch index); the DataLoader
+    hands items out round-robin, so K consecutive items make one batch."""
 
-    def __init__(self, spec: StreamSpec, positions: list[Position], rotation: int) -> None:
+    def __init__(self, spec: StreamSpec, groups: list[list[int]], positions: dict[int, Position]) -> None:
         self.spec = spec
+        self.groups = groups
         self.positions = positions
-        self.rotation = rotation
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[list[_Chunk]]:
         info = get_worker_info()
-        physical = 0 if info is None else info.id
-        logical = (physical + self.rotation) % self.spec.num_logical_workers
+        group = self.groups[0 if info is None else info.id]
         spec = self.spec
         if info is not None:  # a forked worker: filesystem clients (event loops, sockets) must not be shared
             torch.set_num_threads(1)
             spec = dataclasses.replace(spec, storage=spec.storage.reopen())
-        stream = SampleStream(spec, logical)
-        try:
-            for batch, position in stream.batches(self.positions[logical]):
-                yield _tag(batch, logical, position, stream)
-        finally:
-            stream.close()
+        yield from _group_items(spec, group, self.positions)
+
+
+def _process_batches(loader: DataLoader[list[_Chunk]], groups: int) -> Iterator[list[_Chunk]]:
+    iterator = iter(loader)
+    while True:
+        yield [chunk for _ in range(groups) for chunk in next(iterator)]
+
+
+def _concat(chunks: list[_Chunk]) -> dict[str, Any]:
+    """The rank's batch: the chunks' rows in stream order (tensors along dim 0, lists joined)."""
+    batch: dict[str, Any] = {}
+    for name, first in chunks[0].batch.items():
+        values = [chunk.batch[name] for chunk in chunks]
+        if isinstance(first, torch.Tensor):
+            batch[name] = values[0] if len(values) == 1 else torch.cat(values)
+        else:
+            batch[name] = [item for value in values for item in value]
+    batch["streams"] = [chunk.stream for chunk in chunks]
+    return batch
 
 
 class ShardLoader:
@@ -172,14 +205,17 @@ class ShardLoader:
         url: dataset directory URL (``file://``, ``s3://``, ``gs://``, a local path), its manifest, or a
             shard-name pattern inside it.
         batch_size: samples per batch on this rank.
-        rank, world_size: this rank and the number of ranks (disjoint shards per rank and epoch).
-        num_workers: DataLoader worker processes (0: read in this process, with background prefetch).
-        shuffle_buffer: minimum samples shuffled together (a window of whole shards); 0: no shuffling
-            within shards (shard order is still permuted per epoch).
+        rank, world_size: this rank and the number of ranks (each serves the streams ``rank::world_size``).
+        num_workers: background readers of this rank's streams (0: read in this process, with background
+            prefetch of shards); at most one per stream. Speed only: the order does not depend on it.
+        shuffle_buffer: minimum samples shuffled together in a stream (a window of whole shards); 0: no
+            shuffling within shards (shard order is still permuted per epoch).
         seed: base seed of the order and of all draws.
         flip: random horizontal flip (exact with a VAE ``flip_copy``, else the latent/pixels are mirrored).
         storage_options: fsspec options (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``).
         on_error: ``"skip"`` (warn with the shard URL, count, continue) or ``"raise"`` for a corrupt shard.
+        streams: sample streams of the global batch (a multiple of ``world_size`` dividing
+            ``batch_size * world_size``); None: ``world_size * max(1, num_workers)``.
         endpoint_url: S3 endpoint (else from storage_options / ``AWS_ENDPOINT_URL``).
         verify_checksums: compare each shard's sha256 with the manifest (catches silent corruption).
         with_keys: add ``batch["key"]``, the source keys (debugging, tests).
@@ -202,6 +238,7 @@ class ShardLoader:
         storage_options: dict[str, Any] | None = None,
         on_error: str = "skip",
         *,
+        streams: int | None = None,
         endpoint_url: str | None = None,
         verify_checksums: bool = True,
         with_keys: bool = False,
@@ -219,6 +256,8 @@ class ShardLoader:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if worker_mode not in ("thread", "process"):
             raise ValueError(f"worker_mode must be 'thread' or 'process', got {worker_mode!r}")
+        self.num_streams = streams or world_size * max(1, num_workers)
+        self.chunk_size = _chunk_size(batch_size, world_size, self.num_streams)
         self.worker_mode = worker_mode
         directory, pattern = split_dataset_url(url)
         self.storage = Storage(directory, storage_options, endpoint_url)
@@ -229,27 +268,27 @@ class ShardLoader:
             shards = [s for s in shards if s[0] in names or any(fnmatch.fnmatchcase(s[0], p) for p in names)]
             if not shards:
                 raise ValueError(f"{url}: the pattern matches no shard of the manifest")
-        self.num_logical_workers = max(1, num_workers)
         usable = sum(1 for _, count in shards if count > 0)
-        if usable < world_size * self.num_logical_workers:
-            raise ValueError(f"{url}: {usable} non-empty shards cannot feed {world_size} ranks x "
-                             f"{self.num_logical_workers} workers; precompute with smaller output.samples_per_shard "
-                             "or use fewer workers")
+        if usable < self.num_streams:
+            raise ValueError(f"{url}: {usable} non-empty shards cannot feed {self.num_streams} streams; precompute "
+                             "with smaller output.samples_per_shard or use fewer streams")
+        self.streams = list(range(rank, self.num_streams, world_size))
+        workers = min(max(1, num_workers), len(self.streams))
+        self.groups = [self.streams[k::workers] for k in range(workers)]
         self.num_workers = num_workers
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.spec = StreamSpec(
-            storage=self.storage, manifest=self.manifest, shards=tuple(shards), batch_size=batch_size, rank=rank,
-            world_size=world_size, num_logical_workers=self.num_logical_workers, shuffle_buffer=shuffle_buffer,
-            seed=seed, flip=flip, on_error=on_error, verify_checksums=verify_checksums, with_keys=with_keys,
-            decode_images=decode_images, prefetch_shards=prefetch_shards,
+            storage=self.storage, manifest=self.manifest, shards=tuple(shards), chunk_size=self.chunk_size,
+            num_streams=self.num_streams, shuffle_buffer=shuffle_buffer, seed=seed, flip=flip, on_error=on_error,
+            verify_checksums=verify_checksums, with_keys=with_keys, decode_images=decode_images,
+            prefetch_shards=prefetch_shards,
         )
         self.num_samples = sum(count for _, count in shards)
-        self._positions = [Position() for _ in range(self.num_logical_workers)]
+        self._positions = {stream: Position() for stream in self.streams}
+        self._skipped: dict[int, list[str]] = {stream: [] for stream in self.streams}  # per stream, every skip
         self._batches = 0
-        self.corrupt_shards: list[str] = []  # distinct URLs of skipped shards
-        self.corrupt_skips = 0  # times a shard was skipped (once per epoch that reaches it)
         self._active: Any = None
 
     # -- information -------------------------------------------------------------------------------------
@@ -259,18 +298,28 @@ class ShardLoader:
         return self.num_samples / self.world_size
 
     def epoch_samples(self, epoch: int) -> int:
-        """Samples this rank reads in ``epoch`` (all its logical workers; from the manifest's counts)."""
-        return sum(count for worker in range(self.num_logical_workers)
-                   for window in worker_windows(self.spec, epoch, worker) for _, count in window)
+        """Samples this rank reads in ``epoch`` (all its streams; from the manifest's counts)."""
+        return sum(count for stream in self.streams
+                   for window in stream_windows(self.spec, epoch, stream) for _, count in window)
 
     @property
     def epoch(self) -> int:
-        """Epoch of the worker that serves the next batch."""
-        return self._positions[self._batches % self.num_logical_workers].epoch
+        """The lowest epoch of this rank's streams."""
+        return min(position.epoch for position in self._positions.values())
+
+    @property
+    def corrupt_shards(self) -> list[str]:
+        """Distinct URLs of the shards this rank's streams skipped (first skip first)."""
+        return list(dict.fromkeys(url for stream in self.streams for url in self._skipped[stream]))
+
+    @property
+    def corrupt_skips(self) -> int:
+        """Times this rank's streams skipped a shard (once per epoch that reaches it)."""
+        return sum(len(urls) for urls in self._skipped.values())
 
     @property
     def stats(self) -> dict[str, Any]:
-        return {"batches": self._batches, "epoch": self.epoch, "corrupt_shards": list(self.corrupt_shards),
+        return {"batches": self._batches, "epoch": self.epoch, "corrupt_shards": self.corrupt_shards,
                 "num_corrupt_shards": len(self.corrupt_shards), "corrupt_skips": self.corrupt_skips}
 
     def null_text(self) -> dict[str, torch.Tensor] | None:
@@ -286,43 +335,41 @@ class ShardLoader:
                 for name, value in arrays.items()}
 
     # -- iteration ---------------------------------------------------------------------------------------------
-    def _consume(self, batch: dict[str, Any]) -> dict[str, Any]:
-        worker = batch.pop("_worker")
-        position = batch.pop("_position")
-        corrupt = batch.pop("_corrupt")
-        expected = self._batches % self.num_logical_workers
-        if worker != expected:
-            raise RuntimeError(f"loader out of order: batch from worker {worker}, expected {expected}")
-        self._positions[worker] = Position(**position) if isinstance(position, dict) else position
+    def _consume(self, chunks: list[_Chunk]) -> dict[str, Any]:
+        chunks.sort(key=lambda chunk: self.streams.index(chunk.stream))
+        if [chunk.stream for chunk in chunks] != self.streams:
+            raise RuntimeError(f"loader out of order: chunks of streams {[c.stream for c in chunks]}, "
+                               f"expected {self.streams}")
+        for chunk in chunks:
+            self._positions[chunk.stream] = Position(**chunk.position)
+            for url in chunk.corrupt:
+                warnings.warn(f"skipped corrupt shard {url} (see the log for the reason)", RuntimeWarning,
+                              stacklevel=3)
+                self._skipped[chunk.stream].append(url)
         self._batches += 1
-        for url in corrupt:
-            warnings.warn(f"skipped corrupt shard {url} (see the log for the reason)", RuntimeWarning, stacklevel=3)
-            self.corrupt_skips += 1
-            if url not in self.corrupt_shards:
-                self.corrupt_shards.append(url)
-        return batch
+        return _concat(chunks)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.close()
-        positions = [Position(**p.to_json()) for p in self._positions]
-        first = self._batches % self.num_logical_workers
-        dataset = _WorkerStreams(self.spec, positions, rotation=first)
+        positions = {stream: Position(**p.to_json()) for stream, p in self._positions.items()}
         if self.num_workers == 0:
-            iterator: Any = iter(dataset)
+            iterator: Any = _group_items(self.spec, self.streams, positions)
         elif self.worker_mode == "thread":
-            iterator = _ThreadWorkers(self.spec, positions, first)
+            iterator = _ThreadWorkers(self.spec, self.groups, positions)
             self._active = iterator
             return self._generate(iter(iterator))
         else:
-            loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
-                                persistent_workers=False, pin_memory=False)
-            iterator = iter(loader)
+            loader = DataLoader(_GroupDataset(self.spec, self.groups, positions), batch_size=None,
+                                num_workers=len(self.groups), prefetch_factor=2, persistent_workers=False,
+                                pin_memory=False, collate_fn=_identity)
+            self._active = iter(loader)
+            return self._generate(_process_batches(self._active, len(self.groups)))
         self._active = iterator
         return self._generate(iterator)
 
-    def _generate(self, iterator: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for batch in iterator:
-            yield self._consume(batch)
+    def _generate(self, iterator: Iterator[list[_Chunk]]) -> Iterator[dict[str, Any]]:
+        for chunks in iterator:
+            yield self._consume(chunks)
 
     def close(self) -> None:
         """Stop worker processes / prefetch threads of the current iteration."""
@@ -346,37 +393,60 @@ class ShardLoader:
 
     # -- resumption --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able position after the last batch handed out."""
+        """JSON-able position of this rank's streams after the last batch handed out (see :meth:`merge_states`)."""
         return {
             "version": STATE_VERSION,
-            "batches": self._batches,
-            "workers": [p.to_json() for p in self._positions],
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_workers": self.num_workers,
-            "batch_size": self.batch_size,
+            "num_streams": self.num_streams,
+            "chunk_size": self.chunk_size,
             "seed": self.seed,
             "shuffle_buffer": self.shuffle_buffer,
-            "corrupt_shards": list(self.corrupt_shards),
-            "corrupt_skips": self.corrupt_skips,
+            "streams": {str(stream): {"position": self._positions[stream].to_json(),
+                                      "skipped": list(self._skipped[stream])} for stream in self.streams},
         }
 
+    @staticmethod
+    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+        """One state from the states of all ranks (every stream once); any world size dividing the streams
+        loads it."""
+        merged = dict(states[0])
+        merged["streams"] = {key: value for state in states for key, value in state["streams"].items()}
+        return merged
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (from :meth:`state_dict` of a loader with the same settings)."""
+        """Continue from ``state`` (:meth:`state_dict` of a loader with the same streams, chunk size, seed and
+        shuffle buffer, or :meth:`merge_states` of all ranks' states; the world size may differ)."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state: unsupported version {state.get('version')!r}")
-        for name in ("rank", "world_size", "num_workers", "batch_size", "seed", "shuffle_buffer"):
+            raise ValueError(f"loader state: unsupported version {state.get('version')!r} (written by an older "
+                             "version of the loader: resume with that version or start a new run)")
+        for name in ("num_streams", "chunk_size", "seed", "shuffle_buffer"):
             if state.get(name) != getattr(self, name):
                 raise ValueError(f"loader state: {name} is {state.get(name)!r} in the checkpoint but "
                                  f"{getattr(self, name)!r} now; an exact resume needs the same value")
-        workers = state["workers"]
-        if len(workers) != self.num_logical_workers:
-            raise ValueError(f"loader state: {len(workers)} worker positions, expected {self.num_logical_workers}")
+        missing = [stream for stream in self.streams if str(stream) not in state["streams"]]
+        if missing:
+            raise ValueError(f"loader state: no position for streams {missing[:5]} (merge every rank's state)")
         self.close()
-        self._positions = [Position(**w) for w in workers]
-        self._batches = int(state["batches"])
-        self.corrupt_shards = list(state.get("corrupt_shards", []))
-        self.corrupt_skips = int(state.get("corrupt_skips", 0))
+        for stream in self.streams:
+            entry = state["streams"][str(stream)]
+            self._positions[stream] = Position(**entry["position"])
+            self._skipped[stream] = list(entry.get("skipped", []))
+        self._batches = 0
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def _chunk_size(batch_size: int, world_size: int, streams: int) -> int:
+    """Rows per stream and batch; the streams must split evenly over the ranks and the global batch."""
+    if streams % world_size:
+        raise ValueError(f"{streams} streams cannot be split evenly over {world_size} ranks (use a number of "
+                         f"ranks that divides {streams})")
+    global_batch = batch_size * world_size
+    if global_batch % streams:
+        raise ValueError(f"the global batch of {global_batch} samples cannot be split into {streams} streams "
+                         "(the number of streams must divide it)")
+    return global_batch // streams
 
 
 def read_shards(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[tuple[str, Block]]:

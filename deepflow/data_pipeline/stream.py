@@ -1,19 +1,23 @@
-"""The deterministic sample stream behind :class:`deepflow.data_pipeline.loader.ShardLoader`.
+"""The deterministic sample streams behind :class:`deepflow.data_pipeline.loader.ShardLoader`.
 
-Order (a pure function of seed, epoch, rank, worker and the manifest's shard counts):
+A dataset is read as ``S`` *streams* (``num_streams``, the unit of the order; independent of how many ranks or
+reader threads serve them). The order is a pure function of the seed, the epoch, the stream and the manifest's
+shard counts:
 
-1. epoch e: every non-empty shard, permuted with a generator seeded by (seed, e) - the same on all ranks;
-2. rank r of w takes ``perm[r::w]``, logical worker k of K takes that list's ``[k::K]``: disjoint;
-3. the worker's shards are grouped, in order, into *windows* of at least ``shuffle_buffer`` samples;
-   a window is loaded whole and its samples are permuted with a generator seeded by (seed, e, r, k, window);
-4. the worker's samples, epoch after epoch, are cut into batches of ``batch_size`` (a batch may span
-   windows and epochs: nothing is dropped); batch b of worker k draws its randomness (latent noise, flips,
-   caption choice) from a generator seeded by (seed, r, k, b).
+1. epoch e: every non-empty shard, permuted with a generator seeded by (seed, e) - the same everywhere;
+2. stream s of S takes ``perm[s::S]`` (disjoint);
+3. the stream's shards are grouped, in order, into *windows* of at least ``shuffle_buffer`` samples;
+   a window is loaded whole and its samples are permuted with a generator seeded by (seed, e, s, window);
+4. the stream's samples, epoch after epoch, are cut into *chunks* of ``chunk_size`` (a chunk may span windows
+   and epochs: nothing is dropped); chunk c of stream s draws its randomness (latent noise, flips, caption
+   choice) from a generator seeded by (seed, s, c).
 
-The position of a worker is (epoch, window, offset in the window, batches emitted), so a resumed loader
-jumps straight to its window without reading what came before, and sees exactly the samples it would
-have seen.  Shuffle quality: samples mix within windows and windows arrive in a fresh order each epoch;
-the precompute job already permutes items across shards, so every shard holds a mix of classes.
+A global batch is chunk c of every stream; a rank serves the streams ``rank::world_size``. So the samples and
+their randomness of every step do not depend on the number of ranks (any number that divides ``S``).
+The position of a stream is (epoch, window, offset in the window, chunks emitted), so a resumed loader jumps
+straight to its window without reading what came before, and sees exactly the samples it would have seen.
+Shuffle quality: samples mix within windows, windows arrive in a fresh order each epoch and a batch draws from S
+different shards; the precompute job already permutes items across shards, so every shard holds a mix of classes.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def derive_seed(*parts: int) -> int:
 
 @dataclass
 class Position:
-    """Where a logical worker's stream continues: next sample = window ``window`` of ``epoch`` at ``offset``."""
+    """Where a stream continues: next sample = window ``window`` of ``epoch`` at ``offset``; ``batches`` chunks
+    were emitted before."""
 
     epoch: int = 0
     window: int = 0
@@ -57,15 +62,13 @@ class Position:
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """Everything a worker process needs to produce its batches (picklable)."""
+    """Everything a reader (thread or worker process) needs to produce a stream's chunks (picklable)."""
 
     storage: Storage
     manifest: Manifest
     shards: tuple[tuple[str, int], ...]  # (name, num_samples), the loader's selection
-    batch_size: int
-    rank: int
-    world_size: int
-    num_logical_workers: int
+    chunk_size: int
+    num_streams: int
     shuffle_buffer: int
     seed: int
     flip: bool
@@ -76,11 +79,11 @@ class StreamSpec:
     prefetch_shards: int
 
 
-def worker_windows(spec: StreamSpec, epoch: int, worker: int) -> list[list[tuple[str, int]]]:
-    """The windows (lists of (shard, count)) of ``worker`` in ``epoch``."""
+def stream_windows(spec: StreamSpec, epoch: int, stream: int) -> list[list[tuple[str, int]]]:
+    """The windows (lists of (shard, count)) of ``stream`` in ``epoch``."""
     shards = [s for s in spec.shards if s[1] > 0]
     order = np.random.default_rng(derive_seed(spec.seed, epoch, 0x5A4D)).permutation(len(shards))
-    mine = [shards[i] for i in order][spec.rank :: spec.world_size][worker :: spec.num_logical_workers]
+    mine = [shards[i] for i in order][stream :: spec.num_streams]
     windows: list[list[tuple[str, int]]] = []
     current: list[tuple[str, int]] = []
     filled = 0
@@ -96,11 +99,11 @@ def worker_windows(spec: StreamSpec, epoch: int, worker: int) -> list[list[tuple
 
 
 class SampleStream:
-    """Batches of one logical worker, from ``start`` on (see module docstring)."""
+    """Chunks of one stream, from ``start`` on (see module docstring)."""
 
-    def __init__(self, spec: StreamSpec, worker: int) -> None:
+    def __init__(self, spec: StreamSpec, stream: int) -> None:
         self.spec = spec
-        self.worker = worker
+        self.stream = stream
         self.checksums = {s.name: s.sha256 for s in spec.manifest.shards}
         self.fields = spec.manifest.fields
         self.kind = spec.manifest.kind
@@ -165,26 +168,26 @@ class SampleStream:
 
     # -- batches ---------------------------------------------------------------------------------------
     def batches(self, start: Position) -> Iterator[tuple[dict[str, Any], Position]]:
-        """Infinite (batch, position after the batch) pairs."""
+        """Infinite (chunk, position after the chunk) pairs; a chunk is a batch of ``chunk_size`` samples."""
         spec = self.spec
         epoch, window_index, offset, batch_index = start.epoch, start.window, start.offset, start.batches
         pieces: list[tuple[Block, np.ndarray, np.ndarray | None]] = []
-        needed = spec.batch_size
+        needed = spec.chunk_size
         empty_epochs = 0
         while True:
-            windows = worker_windows(spec, epoch, self.worker)
+            windows = stream_windows(spec, epoch, self.stream)
             if not windows:
-                raise ValueError(f"rank {spec.rank} worker {self.worker}: no shards in epoch {epoch}")
+                raise ValueError(f"stream {self.stream}: no shards in epoch {epoch}")
             produced_this_epoch = False
             while window_index < len(windows):
                 upcoming = [n for w in windows[window_index + 1 :] for n, _ in w]
                 if len(upcoming) < spec.prefetch_shards:
-                    upcoming += [n for w in worker_windows(spec, epoch + 1, self.worker) for n, _ in w]
+                    upcoming += [n for w in stream_windows(spec, epoch + 1, self.stream) for n, _ in w]
                 block = self._load_window(windows[window_index], upcoming)
                 count = len(block)
                 if spec.shuffle_buffer > 0:
                     order = np.random.default_rng(
-                        derive_seed(spec.seed, epoch, spec.rank, self.worker, window_index)).permutation(count)
+                        derive_seed(spec.seed, epoch, self.stream, window_index)).permutation(count)
                 else:
                     order = np.arange(count)
                 caption_offsets = None
@@ -202,14 +205,13 @@ class SampleStream:
                             next_position = self._advance(next_position, len(windows))
                         yield self._assemble(pieces, batch_index), next_position
                         batch_index += 1
-                        pieces, needed = [], spec.batch_size
+                        pieces, needed = [], spec.chunk_size
                 window_index += 1
                 offset = 0
             epoch, window_index, offset = epoch + 1, 0, 0
             empty_epochs = 0 if produced_this_epoch else empty_epochs + 1
             if empty_epochs >= 2:
-                raise RuntimeError(f"rank {spec.rank} worker {self.worker}: no readable shards (skipped: "
-                                   f"{self.corrupt[:5]})")
+                raise RuntimeError(f"stream {self.stream}: no readable shards (skipped: {self.corrupt[:5]})")
 
     @staticmethod
     def _advance(position: Position, num_windows: int) -> Position:
@@ -223,13 +225,13 @@ class SampleStream:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)  # fancy indexing: always a writable copy
 
     def _assemble(self, pieces: list[tuple[Block, np.ndarray, np.ndarray | None]], batch_index: int) -> dict[str, Any]:
-        """One batch from sample index pieces; all randomness from the (seed, rank, worker, batch) generator.
+        """One chunk from sample index pieces; all randomness from the (seed, stream, chunk) generator.
 
         Draw order: flips [B], then the latent noise [B, C, H, W] (vae), then caption choices [B].
         """
         spec = self.spec
-        generator = torch.Generator().manual_seed(derive_seed(spec.seed, spec.rank, self.worker, batch_index))
-        size = spec.batch_size
+        generator = torch.Generator().manual_seed(derive_seed(spec.seed, self.stream, batch_index))
+        size = spec.chunk_size
         flips = (torch.rand(size, generator=generator) < 0.5).numpy() if spec.flip else np.zeros(size, dtype=bool)
         flipped = np.flatnonzero(flips)
         batch: dict[str, Any] = {}

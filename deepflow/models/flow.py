@@ -7,15 +7,23 @@ then moved to the data's device, so a CPU generator gives the same numbers whate
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from deepflow.models.conditions import Condition, NullCondition, drop_conditions, is_text_condition
+from deepflow.models.conditions import (
+    Condition,
+    NullCondition,
+    condition_batch_size,
+    is_text_condition,
+    null_condition_batch,
+    where_condition,
+)
 from deepflow.models.dit import BranchOutputs
 
-__all__ = ["FlowObjective", "interpolate", "sample_times", "branch_times", "drop_labels"]
+__all__ = ["FlowDraws", "FlowObjective", "interpolate", "sample_times", "branch_times", "drop_labels"]
 
 TimeSampling = Literal["uniform", "lognormal"]
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Condition], BranchOutputs]
@@ -48,14 +56,19 @@ def sample_times(
     raise ValueError(f"time_sampling must be 'uniform' or 'lognormal', got {method!r}")
 
 
+def gap_sign(generator: torch.Generator) -> float:
+    """The direction of one batch's time gaps: +1 or -1 with p = 0.5 (one U(0,1) draw)."""
+    return 1.0 if bool(_rand([1], generator, generator.device)[0] < 0.5) else -1.0
+
+
 def branch_times(
-    t1: torch.Tensor, num_branches: int, alpha: float, generator: torch.Generator
+    t1: torch.Tensor, num_branches: int, alpha: float, generator: torch.Generator, sign: float | None = None
 ) -> torch.Tensor:
-    """Per-branch times [B,k]: t_{i+1} = clamp(t_i + s u alpha, 0, 1), one sign s per batch (p = 0.5),
-    u ~ U(0,1) per sample and branch (the gaps accumulate)."""
+    """Per-branch times [B,k]: t_{i+1} = clamp(t_i + s u alpha, 0, 1), one sign s per batch (p = 0.5, drawn here
+    unless given), u ~ U(0,1) per sample and branch (the gaps accumulate)."""
     times = [t1]
     if num_branches > 1:
-        sign = 1.0 if bool(_rand([1], generator, t1.device)[0] < 0.5) else -1.0
+        sign = gap_sign(generator) if sign is None else sign
         u = _rand([t1.shape[0], num_branches - 1], generator, t1.device)
         for i in range(num_branches - 1):
             times.append((times[-1] + sign * alpha * u[:, i]).clamp(0.0, 1.0))
@@ -68,6 +81,29 @@ def drop_labels(y: torch.Tensor, prob: float, null_label: int, generator: torch.
         return y
     drop = _rand([y.shape[0]], generator, y.device) < prob
     return torch.where(drop, torch.full_like(y, null_label), y)
+
+
+@dataclass
+class FlowDraws:
+    """The random part of one loss evaluation, per sample: ``times`` [B,k] float32 (t1 and the branch times),
+    ``eps`` noise like x0 [B,C,H,W], ``drop`` [B] bool (condition dropped) or None when nothing is dropped.
+
+    Drawn as a whole (:meth:`FlowObjective.draw`) or per chunk of samples and joined with :meth:`cat`, so that a
+    sample's draws depend on its chunk, not on which rank computes it."""
+
+    times: torch.Tensor
+    eps: torch.Tensor
+    drop: torch.Tensor | None
+
+    @staticmethod
+    def cat(parts: Sequence["FlowDraws"]) -> "FlowDraws":
+        """Rows of ``parts`` in order."""
+        drops = [part.drop for part in parts]
+        return FlowDraws(
+            times=torch.cat([part.times for part in parts]),
+            eps=torch.cat([part.eps for part in parts]),
+            drop=None if any(d is None for d in drops) else torch.cat(drops),  # type: ignore[arg-type]
+        )
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -112,31 +148,53 @@ class FlowObjective:
             raise ValueError(f"betas {self.betas} must have one entry per branch ({num_branches})")
         return self.betas
 
+    def draw(
+        self,
+        shape: Sequence[int],
+        num_branches: int,
+        generator: torch.Generator,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        sign: float | None = None,
+    ) -> FlowDraws:
+        """The draws of a batch of ``shape`` [B,C,H,W], in the order t1, the gap sign (unless ``sign`` is given:
+        one sign shared by several chunks), the gaps, eps, the drop mask (only when label_dropout > 0)."""
+        device = torch.device(device)
+        b = int(shape[0])
+        t1 = sample_times(b, self.time_sampling, generator, device)
+        times = branch_times(t1, num_branches, self.alpha, generator, sign=sign)  # [B,k]
+        eps = _rand(shape, generator, device, normal=True).to(dtype)
+        drop = _rand([b], generator, device) < self.label_dropout if self.label_dropout > 0 else None
+        return FlowDraws(times, eps, drop)
+
     def loss(
         self,
         model_fn: ModelFn,
         x0: torch.Tensor,
         y: Condition,
-        generator: torch.Generator,
+        generator: torch.Generator | None = None,
         ssl_targets: torch.Tensor | None = None,
         num_branches: int = 1,
         num_classes: int = 1000,
         null_condition: NullCondition | None = None,
+        draws: FlowDraws | None = None,
     ) -> dict[str, torch.Tensor]:
         """x0 [B,C,H,W] clean data, ssl_targets [B,N,z] or None, y the condition: labels [B] long or a text dict
         {"text_emb" [B,L,D], "text_mask" [B,L] bool, "text_pooled" [B,P]} (see ``deepflow.models.conditions``).
 
-        Dropped rows (probability ``label_dropout``) get the null condition: ``null_condition`` (an int class id,
-        or for text the empty caption's dict of unbatched or [1,...] tensors); for labels it defaults to
-        ``num_classes``. Draw order from ``generator``: t1, the gap sign and gaps, eps, the drop mask.
+        The randomness comes from ``draws`` or, without them, from ``generator`` (:meth:`draw`: t1, the gap sign
+        and gaps, eps, the drop mask). Dropped rows (probability ``label_dropout``) get the null condition:
+        ``null_condition`` (an int class id, or for text the empty caption's dict of unbatched or [1,...] tensors);
+        for labels it defaults to ``num_classes``.
         Returns scalar terms "deep_0".."deep_{k-1}", "acc" (k > 1), "proj" (with ssl_targets), "total".
         """
         k = num_branches
         betas = self.branch_betas(k)
-        b = x0.shape[0]
-        t1 = sample_times(b, self.time_sampling, generator, x0.device)
-        times = branch_times(t1, k, self.alpha, generator)  # [B,k]
-        eps = _rand(x0.shape, generator, x0.device, normal=True).to(x0.dtype)
+        if draws is None:
+            if generator is None:
+                raise ValueError("FlowObjective.loss needs a generator or draws")
+            draws = self.draw(x0.shape, k, generator, x0.device, x0.dtype)
+        times, eps = draws.times.to(x0.device), draws.eps.to(x0.device, x0.dtype)
         if null_condition is None:
             if is_text_condition(y) and self.label_dropout > 0:
                 raise ValueError(
@@ -144,7 +202,10 @@ class FlowObjective:
                     "e.g. ShardLoader.null_text())"
                 )
             null_condition = num_classes
-        y_in, _ = drop_conditions(y, self.label_dropout, null_condition, generator)
+        y_in = y
+        if draws.drop is not None:
+            b = condition_batch_size(y)
+            y_in = where_condition(draws.drop.to(x0.device), null_condition_batch(null_condition, b, y), y)
         x_t1 = interpolate(x0, eps, times[:, 0])
         target = eps - x0
 

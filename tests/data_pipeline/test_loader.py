@@ -1,4 +1,5 @@
-"""ShardLoader: rank/worker splits, exact resume, corrupt shards, latent sampling and flips."""
+"""ShardLoader: stream/rank/worker splits, exact resume on any world size, corrupt shards, latent sampling and
+flips."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def test_workers_split_shards_and_epochs_reshuffle(digits_dataset: str) -> None:
 def test_resume_mid_epoch_gives_exactly_the_rest(digits_dataset: str, num_workers: int, worker_mode: str) -> None:
     def make() -> ShardLoader:
         return ShardLoader(digits_dataset, batch_size=40, rank=1, world_size=2, num_workers=num_workers,
-                           shuffle_buffer=200, seed=7, with_keys=True, worker_mode=worker_mode)
+                           shuffle_buffer=200, seed=7, with_keys=True, worker_mode=worker_mode, streams=4)
 
     reference = make()
     iterator = iter(reference)
@@ -83,9 +84,67 @@ def test_resume_mid_epoch_gives_exactly_the_rest(digits_dataset: str, num_worker
         assert torch.equal(batch["x"], expected["x"])  # same flips
         assert torch.equal(batch["y"], expected["y"])
     resumed.close()
-    with pytest.raises(ValueError, match="num_workers"):
-        other = ShardLoader(digits_dataset, batch_size=40, rank=1, world_size=2, num_workers=1 - min(num_workers, 1))
+    with pytest.raises(ValueError, match="seed"):
+        other = ShardLoader(digits_dataset, batch_size=40, rank=1, world_size=2, streams=4, seed=8)
         other.load_state_dict(state)
+
+
+def _chunks_by_stream(batch: dict, chunk: int) -> dict[int, tuple]:
+    """stream -> (keys, x, y) of that stream's chunk in a batch."""
+    return {stream: (batch["key"][i * chunk:(i + 1) * chunk], batch["x"][i * chunk:(i + 1) * chunk],
+                     batch["y"][i * chunk:(i + 1) * chunk]) for i, stream in enumerate(batch["streams"])}
+
+
+def _assert_same_chunks(got: dict[int, tuple], expected: dict[int, tuple]) -> None:
+    assert got.keys() == expected.keys()
+    for stream, (keys, x, y) in got.items():
+        assert keys == expected[stream][0]
+        assert torch.equal(x, expected[stream][1]) and torch.equal(y, expected[stream][2])
+
+
+def test_the_global_batch_does_not_depend_on_ranks_or_workers_and_resumes_on_another_world_size(
+    digits_dataset: str,
+) -> None:
+    """4 streams, global batch 48: one rank (0 or 3 readers) and two ranks of 24 (2 readers each) see the same
+    samples with the same flips in every step; a 2-rank state (merged) continues on 1 rank and back."""
+    def loaders(world: int, workers: int) -> list[ShardLoader]:
+        return [ShardLoader(digits_dataset, batch_size=48 // world, rank=r, world_size=world, num_workers=workers,
+                            streams=4, shuffle_buffer=150, seed=3, with_keys=True) for r in range(world)]
+
+    def steps(group: list[ShardLoader], count: int) -> list[dict[int, tuple]]:
+        iterators = [iter(loader) for loader in group]
+        out = []
+        for _ in range(count):
+            merged: dict[int, tuple] = {}
+            for iterator in iterators:
+                merged.update(_chunks_by_stream(next(iterator), 12))
+            out.append(merged)
+        return out
+
+    single = loaders(1, 0)
+    reference = steps(single, 50)  # > 1 epoch of every stream (1797 / 48 = 37 steps)
+    for group in (loaders(1, 3), loaders(2, 2)):
+        for got, expected in zip(steps(group, 50), reference):
+            _assert_same_chunks(got, expected)
+        for loader in group:
+            loader.close()
+    two = loaders(2, 1)
+    steps(two, 20)
+    state = json.loads(json.dumps(ShardLoader.merge_states([loader.state_dict() for loader in two])))
+    one = loaders(1, 2)
+    one[0].load_state_dict(state)
+    after = steps(one, 10)
+    for got, expected in zip(after, reference[20:30]):
+        _assert_same_chunks(got, expected)
+    back = loaders(2, 0)
+    for loader in back:
+        loader.load_state_dict(one[0].state_dict())
+    for got, expected in zip(steps(back, 10), reference[30:40]):
+        _assert_same_chunks(got, expected)
+    for loader in [*single, *two, *one, *back]:
+        loader.close()
+    with pytest.raises(ValueError, match="cannot be split evenly over 3 ranks"):
+        ShardLoader(digits_dataset, batch_size=16, rank=0, world_size=3, streams=4)
 
 
 def corrupt_copy(source: str, destination: Path, how: str) -> tuple[str, str, set[str]]:
@@ -113,7 +172,8 @@ def test_corrupt_shard_is_skipped_and_reported(digits_dataset: str, tmp_path: Pa
         keys = take_keys(loader, 1797 - lost)
     assert len(set(keys)) == 1797 - lost  # the epoch holds every other sample exactly once
     assert loader.stats["num_corrupt_shards"] == 1 and loader.stats["corrupt_shards"][0].endswith(victim)
-    assert loader.state_dict()["corrupt_shards"] == loader.stats["corrupt_shards"]
+    skipped = [url for entry in loader.state_dict()["streams"].values() for url in entry["skipped"]]
+    assert skipped == loader.stats["corrupt_shards"]
     loader.close()
     threaded = ShardLoader(url, batch_size=100, with_keys=True, num_workers=2)
     with pytest.warns(RuntimeWarning, match=victim):  # raised in the consumer thread

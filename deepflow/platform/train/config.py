@@ -144,9 +144,17 @@ class DataSection(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     endpoint_url: str | None = None
     global_batch_size: int = Field(256, ge=1)
-    num_workers: int = Field(0, ge=0)
-    shuffle_buffer: int = Field(1000, ge=0)
+    num_workers: int = Field(0, ge=0, description="background reader threads per rank (speed only, not order)")
+    shuffle_buffer: int = Field(1000, ge=0, description="minimum samples shuffled together in each stream")
+    streams: int = Field(
+        0, ge=0,
+        description="sample streams the global batch is drawn from (the order's unit; a run resumes on any "
+        "number of ranks that divides it); 0: chosen from the global batch and the shard count at the first start",
+    )
     flip: bool = True
+    on_error: Literal["skip", "raise"] = Field(
+        "skip", description="a corrupt or missing shard: skip it (warn, count in TensorBoard) or stop the run"
+    )
 
     def resolved_storage_options(self) -> dict[str, Any] | None:
         """``storage_options`` with ``endpoint_url`` folded into s3fs's ``client_kwargs``."""
@@ -194,7 +202,12 @@ class DistributedSection(_Section):
     zero_stage: Literal[1, 2, 3] = 2
     compile: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    timeout_minutes: float = Field(30.0, gt=0.0)
+    collective_timeout_s: float = Field(
+        300.0, gt=0.0, description="a collective that waits longer (a peer died) fails the rank, so the Job restarts"
+    )
+    rendezvous_timeout_s: float = Field(
+        300.0, gt=0.0, description="how long the ranks wait for each other at start-up"
+    )
 
     @field_validator("engine")
     @classmethod
@@ -387,7 +400,20 @@ class RunConfig(_Section):
                 f"data.global_batch_size: {self.data.global_batch_size} is not divisible by world_size "
                 f"({world_size}) x schedule.grad_accumulation ({self.schedule.grad_accumulation})"
             )
-        return self.data.global_batch_size // denominator
+        per_rank = self.data.global_batch_size // denominator
+        streams = self.data.streams
+        if streams and streams % world_size:
+            divisors = [n for n in range(1, streams + 1) if streams % n == 0]
+            raise ConfigError(
+                f"data.streams: the run's {streams} sample streams cannot be split evenly over {world_size} ranks; "
+                f"run on a number of ranks that divides {streams} ({', '.join(map(str, divisors))})"
+            )
+        return per_rank
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Samples of one micro-step over all ranks: data.global_batch_size / schedule.grad_accumulation."""
+        return self.data.global_batch_size // self.schedule.grad_accumulation
 
 
 def model_architecture(model: ModelSection) -> dict[str, Any]:
@@ -469,15 +495,32 @@ def resolve_model_for_dataset(cfg: RunConfig, manifest: Manifest | None) -> RunC
     """
     if manifest is None:
         return cfg
+    updated = cfg.model_copy(deep=True)
+    updated.data.streams = _resolve_streams(cfg, manifest)
     if not cfg.model.is_text:
         _check_class_dataset(cfg, manifest)
         _check_sample_shape(cfg, manifest)
-        return cfg
-    extra = _text_extra(cfg, manifest)
+        return updated
+    updated.model.extra = _text_extra(cfg, manifest)
     _check_sample_shape(cfg, manifest)
-    updated = cfg.model_copy(deep=True)
-    updated.model.extra = extra
     return updated
+
+
+def _resolve_streams(cfg: RunConfig, manifest: Manifest) -> int:
+    """``data.streams``, or when 0 the largest divisor of the micro-step batch (global batch / accumulation) that
+    the dataset's non-empty shards can feed (so the run resumes on any number of ranks that divides it)."""
+    micro = cfg.micro_batch_size
+    shards = sum(1 for shard in manifest.shards if int(shard.num_samples) > 0)
+    streams = cfg.data.streams
+    if streams:
+        if micro % streams:
+            raise ConfigError(f"data.streams: {streams} must divide the micro-step batch of {micro} samples "
+                              "(data.global_batch_size / schedule.grad_accumulation)")
+        if streams > shards:
+            raise ConfigError(f"data.streams: {streams} streams need as many non-empty shards, but data.url="
+                              f"{cfg.data.url} has {shards}; use fewer streams or precompute smaller shards")
+        return streams
+    return max(n for n in range(1, micro + 1) if micro % n == 0 and n <= max(shards, 1))
 
 
 def _dataset_words(cfg: RunConfig, manifest: Manifest) -> str:
@@ -607,7 +650,7 @@ def save_config(config: RunConfig, url: str | os.PathLike[str], storage_options:
 #: settings a checkpoint cannot resume with when changed: the model's shape (every ``model.*`` field except
 #: :data:`RESUME_FREE_FIELDS`), the engine and its state layout, and how the global batch is split
 RESUME_FIXED_FIELDS = ("model", "distributed.engine", "distributed.zero_stage", "data.global_batch_size",
-                       "schedule.grad_accumulation", "precision")
+                       "data.streams", "data.shuffle_buffer", "run.seed", "schedule.grad_accumulation", "precision")
 #: fields under a fixed prefix that may still change (no effect on the saved state)
 RESUME_FREE_FIELDS = ("model.gradient_checkpointing",)
 

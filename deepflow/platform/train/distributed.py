@@ -62,9 +62,10 @@ def _pick_device(local_rank: int) -> torch.device:
 
 def init_distributed(
     backend: str = "auto",
-    timeout_minutes: float = 30.0,
     local_rank_arg: int | None = None,
     require_group: bool = False,
+    collective_timeout_s: float = 300.0,
+    rendezvous_timeout_s: float = 300.0,
 ) -> DistContext:
     """Create the default process group when the job has more than one process; pick the device.
 
@@ -82,7 +83,7 @@ def init_distributed(
         if not dist.is_initialized():
             dist.init_process_group(
                 backend=chosen, store=dist.HashStore(), rank=0, world_size=1,
-                timeout=timedelta(minutes=timeout_minutes),
+                timeout=timedelta(seconds=collective_timeout_s),
             )
         return DistContext(0, 1, env.local_rank, device, chosen)
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
@@ -93,7 +94,7 @@ def init_distributed(
             init_method="env://",
             rank=env.rank,
             world_size=env.world_size,
-            timeout=timedelta(minutes=timeout_minutes),
+            timeout=timedelta(seconds=collective_timeout_s),
             device_id=device if device.type == "cuda" else None,
         )
     return DistContext(env.rank, env.world_size, env.local_rank, device, chosen)

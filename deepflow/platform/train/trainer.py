@@ -1,8 +1,11 @@
 """The training loop: batch -> FlowObjective loss terms -> engine backward/step -> EMA -> log -> eval -> checkpoint.
 
-Determinism: every micro-step's objective randomness (times, gaps, noise, label drop) comes from a generator
-seeded from (run.seed, rank, step, micro-step); the loader position and RNG states are checkpointed, so a
-resumed run reproduces the losses of an uninterrupted one exactly.
+Determinism and world-size invariance: the data are read as ``data.streams`` sample streams
+(:mod:`deepflow.data_pipeline.stream`); a micro-step's global batch is one chunk of every stream, a rank computes
+the chunks of its streams, and each chunk's objective randomness (times, gaps, noise, condition drop) comes from a
+generator seeded from (run.seed, stream, step, micro-step); the gap sign is one per global micro-batch. So the
+losses do not depend on how many ranks computed them (up to reduction order). Every stream's position is in
+every rank's checkpoint state, so a run resumes exactly, on any number of ranks that divides the streams.
 
 Non-finite losses: all ranks agree (one small all-reduce per micro-step, which also carries the SIGTERM flag)
 and skip the step: no backward, no update, gradients dropped. After ``schedule.max_nonfinite_steps`` in a row
@@ -29,6 +32,7 @@ import torch.distributed as dist
 from deepflow.artifacts import ModelCard, write_export
 from deepflow.models import DeepFlowDiT, DeepFlowMMDiT
 from deepflow.models.conditions import condition_from_batch
+from deepflow.models.flow import FlowDraws, gap_sign
 from deepflow.platform.train.checkpoint import (
     CheckpointManager,
     PreemptionHandler,
@@ -60,6 +64,9 @@ if TYPE_CHECKING:
     from deepflow.data_pipeline.loader import ShardLoader
 
 __all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "train"]
+
+#: the stream id whose generator draws a micro-step's gap sign (real streams are 0 .. data.streams - 1)
+GAP_SIGN_STREAM = 2**31 - 1
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,6 +108,8 @@ def _build_loader(cfg: RunConfig, ctx: DistContext) -> ShardLoader:
         seed=cfg.run.seed,
         flip=cfg.data.flip,
         storage_options=cfg.data.resolved_storage_options(),
+        on_error=cfg.data.on_error,
+        streams=cfg.data.streams or None,
     )
 
 
@@ -181,9 +190,15 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- state
     def _rank_state(self) -> dict[str, Any]:
+        """Collective: what this rank's checkpoint state file holds; the loader part is every rank's streams, so
+        that any world size can resume from any rank's file."""
+        loader_states = [self.loader.state_dict()]
+        if self.ctx.distributed:
+            loader_states = [None] * self.ctx.world_size  # type: ignore[list-item]
+            dist.all_gather_object(loader_states, self.loader.state_dict())
         return {
             "step": self.step,
-            "loader": self.loader.state_dict(),
+            "loader": self.loader.merge_states(loader_states),
             "rng": capture_rng_state(),
             "skipped": self.skipped[-100:],
         }
@@ -219,7 +234,8 @@ class Trainer:
         self._check_resumed_config(latest)
         state = self.checkpoints.load(latest, self.engine, self.ema)
         self.loader.load_state_dict(state["loader"])
-        restore_rng_state(state["rng"])
+        if state.get("saved_world_size", self.ctx.world_size) == self.ctx.world_size:
+            restore_rng_state(state["rng"])  # (training draws only from seeded generators; kept for user code)
         self.skipped = list(state.get("skipped", []))
         self.step = latest
         self.log.info(f"resumed from {self.checkpoints.step_url(latest)}")
@@ -239,7 +255,7 @@ class Trainer:
             raise ConfigError(
                 f"{fields}: cannot change when resuming from {url} (the model's shape, distributed.engine, "
                 "distributed.zero_stage, data.global_batch_size, schedule.grad_accumulation and precision are "
-                "fixed by the checkpoint); restore the checkpoint's values or start a new run (another "
+                "data.streams, data.shuffle_buffer and run.seed are fixed by the checkpoint); restore the checkpoint's values or start a new run (another "
                 "run.output_dir or checkpoint.url)"
             )
         if changes and self.ctx.is_main:
@@ -265,14 +281,28 @@ class Trainer:
         nonfinite_any, stop_any = flags.tolist()
         return nonfinite_any > 0, stop_any > 0
 
-    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+    def _reduce_over_ranks(self, means: dict[str, float], sums: dict[str, float]) -> dict[str, float]:
+        """One all-reduce: ``means`` averaged over ranks, ``sums`` added up."""
+        values = {**means, **sums}
         if not self.ctx.distributed or not values:
             return values
         keys = sorted(values)
         tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self._flag_device)
         dist.all_reduce(tensor)
-        tensor /= self.ctx.world_size
-        return dict(zip(keys, tensor.cpu().tolist()))
+        reduced = dict(zip(keys, tensor.cpu().tolist()))
+        return {key: value / self.ctx.world_size if key in means else value for key, value in reduced.items()}
+
+    def _draws(self, streams: list[int], x: torch.Tensor, micro: int) -> FlowDraws:
+        """The objective's randomness of this rank's rows: one draw per stream chunk, from a generator seeded by
+        (run.seed, stream, step, micro-step); the gap sign is shared by the whole global micro-batch."""
+        seed, device = self.cfg.run.seed, self.ctx.device
+        sign = gap_sign(step_generator(seed, GAP_SIGN_STREAM, self.step, micro, device))
+        shape = (self.loader.chunk_size, *x.shape[1:])
+        return FlowDraws.cat([
+            self.objective.draw(shape, self.num_branches, step_generator(seed, stream, self.step, micro, device),
+                                device, x.dtype, sign=sign)
+            for stream in streams
+        ])
 
     def _train_step(self, data_iter: Any, preempt: PreemptionHandler) -> tuple[dict[str, float], float, bool, float]:
         """One optimizer step. Returns (loss terms of this rank, grad norm, stop requested, data-wait seconds)."""
@@ -290,13 +320,13 @@ class Trainer:
             y = condition_from_batch(batch, self.ctx.device)
             data_wait += time.perf_counter() - wait_start
             ssl_targets = self.ssl(batch["image"]) if self.ssl is not None else None
-            generator = step_generator(cfg.run.seed, self.ctx.rank, self.step, micro, self.ctx.device)
+            draws = self._draws(batch["streams"], x, micro)
             with self.engine.micro_step(boundary=micro == accumulation - 1):
                 terms = self.objective.loss(
                     self.engine.forward_train,
                     x,
                     y,
-                    generator,
+                    draws=draws,
                     ssl_targets=ssl_targets,
                     num_branches=self.num_branches,
                     num_classes=self.num_classes,
@@ -409,7 +439,8 @@ class Trainer:
         local_terms = {f"loss/{k}": v / count for k, v in window["sums"].items()}
         is_log_step = self.step % cfg.schedule.log_every == 0 or self.step == cfg.schedule.total_steps
         if is_log_step:
-            terms = self._mean_over_ranks(local_terms)
+            # data/skipped_shards: shard skips of all streams so far (a corrupt shard counts once per epoch)
+            terms = self._reduce_over_ranks(local_terms, {"data/skipped_shards": float(self.loader.corrupt_skips)})
             images_per_s = steps * cfg.data.global_batch_size / elapsed
             tflops = images_per_s * self.flops_per_image / self.ctx.world_size / 1e12
             scalars = dict(terms)
@@ -466,7 +497,9 @@ def train(cfg: RunConfig, local_rank_arg: int | None = None) -> TrainResult:
     """Full lifecycle on this process: process group, trainer, run, clean shutdown."""
     require_group = engine_class(cfg.distributed.engine).requires_process_group
     ctx = init_distributed(
-        cfg.distributed.backend, cfg.distributed.timeout_minutes, local_rank_arg, require_group=require_group
+        cfg.distributed.backend, local_rank_arg, require_group=require_group,
+        collective_timeout_s=cfg.distributed.collective_timeout_s,
+        rendezvous_timeout_s=cfg.distributed.rendezvous_timeout_s,
     )
     try:
         cfg.per_rank_batch_size(ctx.world_size)  # fail early with the field path

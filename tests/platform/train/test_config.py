@@ -75,6 +75,28 @@ def test_batch_divisibility_names_the_field() -> None:
         cfg.per_rank_batch_size(2)
 
 
+def test_streams_are_resolved_from_the_batch_and_the_shards_and_must_split_over_the_ranks() -> None:
+    from deepflow.artifacts import Manifest, ShardEntry
+    from deepflow.platform.train.config import resolve_model_for_dataset
+
+    def manifest(shards: int) -> Manifest:
+        return Manifest(kind="vae", shape=[4, 32, 32], num_classes=1000,
+                        shards=[ShardEntry(name=f"s{i}.tar", num_samples=10) for i in range(shards)])
+
+    base = ["data.global_batch_size=48", "schedule.grad_accumulation=2"]  # 24 samples per micro-step
+    assert resolve_model_for_dataset(load_config(None, base), manifest(100)).data.streams == 24
+    assert resolve_model_for_dataset(load_config(None, base), manifest(10)).data.streams == 8  # <= 10 shards
+    cfg = resolve_model_for_dataset(load_config(None, base + ["data.streams=6"]), manifest(10))
+    assert cfg.data.streams == 6 and cfg.per_rank_batch_size(3) == 8
+    with pytest.raises(ConfigError, match=r"data.streams: the run's 6 sample streams cannot be split evenly over 4 "
+                                          r"ranks; run on a number of ranks that divides 6 \(1, 2, 3, 6\)"):
+        cfg.per_rank_batch_size(4)
+    with pytest.raises(ConfigError, match="data.streams: 5 must divide the micro-step batch of 24 samples"):
+        resolve_model_for_dataset(load_config(None, base + ["data.streams=5"]), manifest(10))
+    with pytest.raises(ConfigError, match="data.streams: 12 streams need as many non-empty shards"):
+        resolve_model_for_dataset(load_config(None, base + ["data.streams=12"]), manifest(10))
+
+
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
     cfg = load_config(None, ["optim.lr=3e-4", "checkpoint.async=true", "model.extra={acc_widths: [8, 8, 8]}"])
     save_config(cfg, tmp_path / "sub" / "config.yaml")

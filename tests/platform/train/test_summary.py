@@ -20,7 +20,7 @@ def test_summary_of_a_built_trainer_names_everything_and_draws_no_random_numbers
     tree = apply_overrides({"run": {"name": "tiny"}}, base_overrides(str(tmp_path / "data"), str(tmp_path / "run"),
                                                                      steps=7, **{"eval.every": 0}))
     cfg = config_from_tree(tree)
-    ctx = init_distributed(cfg.distributed.backend, 1.0, None, require_group=False)
+    ctx = init_distributed(cfg.distributed.backend, None, require_group=False)
     trainer = Trainer(cfg, ctx)
     try:
         rng = torch.get_rng_state()
