@@ -3,11 +3,12 @@
 One checkpoint is a ``step-NNNNNNN`` folder (see :class:`deepflow.artifacts.CheckpointLayout`)::
 
     engine/                 model + optimizer, engine-specific (safetensors+pt, DCP shards, DeepSpeed files)
-    ema/full.safetensors    EMA (replicated engines, rank 0) or ema/rank-00003.safetensors (sharded engines)
+    ema/full.safetensors    EMA, full-shape tensors (unsharded engines, rank 0) or ema/rank-00003.safetensors
+                            (sharded engines: each rank's slices, cut as meta.json's ``ema_layout`` says)
     state/rank-00003.json   per rank: data-loader position, RNG states (torch CPU/CUDA, python, numpy)
     config.yaml             the resolved run config
     model.json              the ModelCard, so ``artifacts.load_weights(<checkpoints>)`` rebuilds the EMA model
-    meta.json               step, world size, engine
+    meta.json               step, world size, engine, sharded_ema, ema_layout
     COMMIT                  written last by rank 0, after every rank has finished: the commit
 
 Readers trust only folders with COMMIT; the newest such folder is the resume point; the last ``keep_last``
@@ -15,6 +16,11 @@ committed folders are kept. Every read and write goes through :class:`deepflow.s
 policy). Engines write LOCAL files: on a local disk they write straight into the step folder; for an object store
 each rank writes into its own staging folder under TMPDIR, uploads it (``put_tree``) and removes it whatever
 happens; a resume downloads only the ``engine/`` folder (the rest is read directly).
+
+Any world size resumes any checkpoint: each engine reshards its own state (:meth:`Engine.load` gets the saved world
+size); the EMA is read as saved when the slicing is unchanged, otherwise the saved slices are joined into full
+tensors (:meth:`Engine.assemble_full`) and this rank's slices cut out (:meth:`Engine.local_slice`); a rank that did
+not exist in the saved run gets rank 0's state file, and the state says ``saved_world_size``.
 
 Asynchronous saving (``async_save``, when the engine supports it: :meth:`Engine.async_save`): the state is
 captured in the loop, then written and uploaded by a background thread; the commit happens in
@@ -288,6 +294,7 @@ class CheckpointManager:
             "world_size": self.ctx.world_size,
             "engine": engine.name,
             "sharded_ema": sharded,
+            "ema_layout": engine.slice_layout,
             "time": time.time(),
         }
         main_files: dict[str, bytes] = {}
@@ -296,11 +303,14 @@ class CheckpointManager:
             main_files[CHECKPOINT_META_NAME] = json.dumps(meta).encode("utf-8")
             if card is not None:
                 main_files[MODEL_CARD_NAME] = json.dumps(card.model_dump(mode="json", exclude_none=True)).encode()
-        writes_ema = ema is not None and (sharded or self.ctx.is_main)
+        ema_tensors = None
+        if ema is not None and (sharded or self.ctx.is_main):
+            # unsharded: this rank's slices are the whole tensors (a ZeRO-3 world of 1 holds them flat: reshaped)
+            ema_tensors = _cpu_tensors(ema.state_dict() if sharded else engine.assemble_full([ema.state_dict()]))
         files = _StepFiles(
             rank=self.ctx.rank,
             rank_state=rank_state,
-            ema=_cpu_tensors(ema.state_dict()) if writes_ema and ema is not None else None,
+            ema=ema_tensors,
             ema_name=ema_file_name(self.ctx.rank if sharded else None),
             main_files=main_files,
         )
@@ -406,31 +416,48 @@ class CheckpointManager:
             return None
 
     def load(self, step: int, engine: Engine, ema: ShardedEMA | None) -> dict[str, Any]:
-        """Collective: restore engine + EMA of ``step``; returns this rank's saved state (loader, RNG)."""
+        """Collective: restore engine + EMA of ``step``, written by any number of ranks.
+
+        Returns this rank's saved state (loader, RNG, skipped steps; rank 0's when this rank did not exist in the
+        saved run) with ``saved_world_size`` added: RNG states are only meaningful when it equals this world size.
+        """
         step_storage = self.layout.step_storage(step)
         meta = step_storage.read_json(CHECKPOINT_META_NAME)
-        if meta["world_size"] != self.ctx.world_size:
+        saved_world = int(meta["world_size"])
+        if meta.get("engine", engine.name) != engine.name:
             raise RuntimeError(
-                f"checkpoint {step_storage.url} was written by {meta['world_size']} ranks, this run has "
-                f"{self.ctx.world_size}: per-rank loader positions (and sharded EMA) need the same world size"
+                f"checkpoint {step_storage.url} was written by the {meta['engine']} engine, this run uses {engine.name}"
             )
-        sharded_ema = bool(meta.get("sharded_ema"))
-        if ema is not None and not sharded_ema and engine.sharded_params:
-            raise RuntimeError(f"{step_storage.url}: replicated EMA cannot be loaded into a sharded engine")
-        self._load_engine(step, step_storage, engine)
+        self._load_engine(step, step_storage, engine, saved_world)
         if ema is not None:
-            name = ema_file_name(self.ctx.rank if sharded_ema else None)
-            ema.load_state_dict(load_safetensors_bytes(step_storage.read_bytes(name)))
-        return step_storage.read_json(rank_state_name(self.ctx.rank))
+            ema.load_state_dict(self._read_ema(step_storage, meta, engine))
+        state = step_storage.read_json(rank_state_name(self.ctx.rank if self.ctx.rank < saved_world else 0))
+        return {**state, "saved_world_size": saved_world}
 
-    def _load_engine(self, step: int, step_storage: Storage, engine: Engine) -> None:
+    def _read_ema(self, step_storage: Storage, meta: dict[str, Any], engine: Engine) -> dict[str, torch.Tensor]:
+        """This rank's EMA slices from the checkpoint: its own file when the slicing is unchanged, else cut out of
+        the full tensors (the full file, or every saved rank's slices joined)."""
+        saved_world = int(meta["world_size"])
+        if not meta.get("sharded_ema"):
+            return engine.local_slice(self._read_tensors(step_storage, ema_file_name(None)))
+        layout = meta.get("ema_layout", engine.slice_layout)
+        if engine.sharded_params and saved_world == self.ctx.world_size and layout == engine.slice_layout:
+            return self._read_tensors(step_storage, ema_file_name(self.ctx.rank))
+        slices = [self._read_tensors(step_storage, ema_file_name(rank)) for rank in range(saved_world)]
+        return engine.local_slice(engine.assemble_full(slices, layout))
+
+    @staticmethod
+    def _read_tensors(step_storage: Storage, name: str) -> dict[str, torch.Tensor]:
+        return load_safetensors_bytes(step_storage.read_bytes(name))
+
+    def _load_engine(self, step: int, step_storage: Storage, engine: Engine, saved_world: int) -> None:
         """``engine.load`` from the local ``engine/`` folder (downloaded to a staging folder first if remote)."""
         if self.storage.is_local:
-            engine.load(step_storage.path(ENGINE_DIR))
+            engine.load(step_storage.path(ENGINE_DIR), saved_world)
             return
         staging = tempfile.mkdtemp(prefix=f"resume-{step}-r{self.ctx.rank}-")
         try:
             step_storage.get_tree(ENGINE_DIR, staging)
-            engine.load(staging)
+            engine.load(staging, saved_world)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -2,7 +2,9 @@
 
 The engine decides what a slice is (:meth:`Engine.named_local_params`): the full tensor (DDP, ZeRO-1/2), the FSDP2
 DTensor local shard, or the ZeRO-3 partition ``ds_tensor``. So an update touches only local memory and never
-gathers the model; :meth:`Engine.gather_full` assembles full weights only for evaluation and export.
+gathers the model; :meth:`Engine.gather_full` assembles full weights only for evaluation and export. Checkpoints
+hold the slices (or, unsharded, the full tensors); a resume on another world size cuts this rank's slices out of
+them with :meth:`Engine.local_slice` before :meth:`ShardedEMA.load_state_dict`.
 
 ema <- decay * ema + (1 - decay) * param, in fp32, every ``every`` steps from ``start_step`` on (before that the
 EMA copies the weights). Initialised as a copy of the model.
@@ -57,6 +59,7 @@ class ShardedEMA:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``state`` (slices shaped like this rank's: see :meth:`Engine.local_slice`) into the EMA buffers."""
         missing = sorted(set(self.shadow) - set(state))
         unexpected = sorted(set(state) - set(self.shadow))
         if missing or unexpected:
@@ -66,6 +69,6 @@ class ShardedEMA:
             if value.shape != shadow.shape:
                 raise ValueError(
                     f"EMA tensor {name}: shape {tuple(value.shape)} in the checkpoint, {tuple(shadow.shape)} here "
-                    "(a sharded EMA resumes only on the same world size and engine)"
+                    "(not this rank's slice of this model: cut it with Engine.local_slice)"
                 )
             shadow.copy_(value)

@@ -69,7 +69,7 @@ def test_commit_resume_retention_and_partial_folders(tmp_path: Path) -> None:
 
     fresh, fresh_ema = _engine_and_ema(seed=123)
     state = CheckpointManager(str(tmp_path / "ckpt"), CTX).load(3, fresh, fresh_ema)
-    assert state["loader"] == {"pos": 3}
+    assert state["loader"] == {"pos": 3} and state["saved_world_size"] == 1
     assert _train(fresh, fresh_ema, range(4, 7)) == reference  # optimizer state restored exactly
     for name, tensor in ema.state_dict().items():
         assert torch.equal(fresh_ema.state_dict()[name], tensor)
@@ -133,14 +133,25 @@ def test_rng_state_round_trip() -> None:
     assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
 
 
-def test_world_size_mismatch_is_reported(tmp_path: Path) -> None:
+def test_checkpoint_of_another_world_size_loads_with_rank_0_state(tmp_path: Path) -> None:
+    """As if written by 2 ranks (meta world_size 2, two state files): this 1-rank run loads it, gets its own (rank 0's)
+    state with ``saved_world_size``; the saved meta records the EMA slicing. (Real 2 <-> 1 rank resumes of every
+    engine: test_reshard.py.)"""
     engine, ema = _engine_and_ema()
+    _train(engine, ema, range(1, 3))
     manager = CheckpointManager(str(tmp_path), CTX)
-    manager.save(1, engine, ema, {}, "")
-    meta = tmp_path / "step-0000001" / "meta.json"
-    meta.write_text(json.dumps({**json.loads(meta.read_text()), "world_size": 4}))
-    with pytest.raises(RuntimeError, match="written by 4 ranks"):
-        manager.load(1, engine, ema)
+    manager.save(2, engine, ema, {"loader": {"rank": 0}}, "")
+    step_dir = tmp_path / "step-0000002"
+    meta = json.loads((step_dir / "meta.json").read_text())
+    assert (meta["world_size"], meta["sharded_ema"], meta["ema_layout"]) == (1, False, "full")
+    (step_dir / "meta.json").write_text(json.dumps({**meta, "world_size": 2}))
+    (step_dir / "state" / "rank-00001.json").write_text(json.dumps({"loader": {"rank": 1}}))
+    fresh, fresh_ema = _engine_and_ema(seed=5)
+    assert manager.load(2, fresh, fresh_ema) == {"loader": {"rank": 0}, "saved_world_size": 2}
+    assert all(torch.equal(fresh_ema.state_dict()[k], v) for k, v in ema.state_dict().items())
+    (step_dir / "meta.json").write_text(json.dumps({**meta, "engine": "fsdp"}))
+    with pytest.raises(RuntimeError, match="written by the fsdp engine, this run uses ddp"):
+        manager.load(2, fresh, fresh_ema)
 
 
 def test_checkpoint_folder_holds_a_model_card_for_load_weights(tmp_path: Path) -> None:
@@ -182,7 +193,7 @@ def test_object_store_save_and_resume_leave_no_staging_folder(s3_server, tmp_pat
     manager = CheckpointManager(f"{bucket}/ckpt", CTX, storage_options=s3_server.storage_options)
     manager.save(1, engine, ema, {"loader": {"pos": 1}}, "")
     assert list(staging_root.iterdir()) == []
-    assert manager.load(1, engine, ema) == {"loader": {"pos": 1}}
+    assert manager.load(1, engine, ema) == {"loader": {"pos": 1}, "saved_world_size": 1}
     assert list(staging_root.iterdir()) == []
 
 

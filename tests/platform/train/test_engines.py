@@ -1,5 +1,6 @@
-"""The engine registry and interface: names, process-group needs, precisions, asynchronous saving, and the run
-config accepting exactly the registered engines (with close matches for a typo)."""
+"""The engine registry and interface: names, process-group needs, precisions, asynchronous saving, the slice
+layouts of the EMA (cut and joined again for any world size), and the run config accepting exactly the registered
+engines (with close matches for a typo)."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +11,7 @@ from deepflow.models import create_model
 from deepflow.platform.train.config import load_config
 from deepflow.platform.train.distributed import DistContext
 from deepflow.platform.train.engines import ENGINES, Engine, build_engine, engine_class
+from deepflow.platform.train.engines.base import DIM0_CHUNKS, FLAT_PARTITIONS, FULL, join_slices, slice_full
 from deepflow.platform.train.engines.ddp import DDPEngine
 
 CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
@@ -43,6 +45,35 @@ def test_single_process_ddp_engine_steps_and_snapshots(tmp_path) -> None:  # noq
     assert handle is not None
     handle.finish()
     assert any((tmp_path / "engine").iterdir())
+
+
+@pytest.mark.parametrize("layout", [FULL, DIM0_CHUNKS, FLAT_PARTITIONS])
+@pytest.mark.parametrize("shape", [(11, 3), (1, 4), (5,), (2, 3, 2)])
+def test_slices_of_any_world_size_join_into_the_full_tensor(layout: str, shape: tuple[int, ...]) -> None:
+    full = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).view(shape) + 1
+    for world in (1, 2, 3, 4):
+        pieces = [slice_full(full, layout, rank, world) for rank in range(world)]
+        assert torch.equal(join_slices(pieces, layout, full.shape), full)
+        if layout == DIM0_CHUNKS:  # torch.chunk sizes, as FSDP2 Shard(0); ranks past the last chunk hold none
+            sizes = [len(chunk) for chunk in full.chunk(world)]
+            assert [len(p) for p in pieces] == sizes + [0] * (world - len(sizes))
+        if layout == FLAT_PARTITIONS:  # equal flat partitions, zero-padded at the end (ZeRO-3 ds_tensor)
+            size = -(-full.numel() // world)
+            assert all(p.shape == (size,) for p in pieces)
+            assert int((torch.cat(pieces) == 0).sum()) == size * world - full.numel()
+
+
+def test_engine_cuts_and_joins_its_own_slices() -> None:
+    cfg = load_config(None, ["data.global_batch_size=4"])
+    torch.manual_seed(0)
+    model = create_model("SiT-S/2", depth=1, hidden_size=32, num_heads=2, input_size=4, in_channels=1, num_classes=3)
+    engine = build_engine(cfg, model, CTX)
+    full = {name: torch.randn(p.shape) for name, p in model.named_parameters()}
+    assert engine.slice_layout == FULL and engine.full_shapes() == {k: v.shape for k, v in full.items()}
+    assert all(engine.local_slice(full)[k] is v for k, v in full.items())
+    assert all(engine.assemble_full([full])[k] is v for k, v in full.items())
+    with pytest.raises(ValueError, match="this rank holds"):
+        engine.local_slice({name: torch.zeros(3) for name in full})
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

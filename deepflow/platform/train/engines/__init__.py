@@ -1,7 +1,8 @@
 """Training engines: one interface (:class:`Engine`), a registry of implementations (ddp, fsdp, deepspeed).
 
 Adding an engine = one :class:`Engine` subclass with a unique ``name``, listed in :data:`ENGINES` (the run config
-accepts every name listed here); the trainer and the checkpoint manager read everything else (process-group needs, sharding, async saving) from the interface.
+accepts every name listed here); the trainer and the checkpoint manager read everything else (process-group needs,
+sharding, async saving) from the interface.
 """
 
 from __future__ import annotations

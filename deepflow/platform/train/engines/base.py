@@ -9,23 +9,27 @@ One training step with gradient accumulation ``A`` is::
     grad_norm = engine.step()                             # clip + optimizer update (+ zero grads)
     # or engine.skip_step() when the loss was not finite: no update, gradients dropped
 
-Checkpoints: ``save(local_dir)`` / ``load(local_dir)`` are collective and write or read engine-specific files in a
-LOCAL directory (each rank its own files); the checkpoint manager stages them to and from object stores.
+Checkpoints: ``save(local_dir)`` / ``load(local_dir, saved_world_size)`` are collective and write or read
+engine-specific files in a LOCAL directory (each rank its own files); the checkpoint manager stages them to and from
+object stores. ``load`` restores a checkpoint written by any number of ranks (each engine reshards its own state).
 ``async_save(local_dir)`` starts a save that the loop does not wait for: it returns an :class:`AsyncSave` whose
 ``finish()`` (run in a background thread, no collectives) completes the files, or None when the engine cannot save
 asynchronously (the caller then calls ``save``); the answer is the same on every rank.
 Launch needs: ``requires_process_group`` (a 1-process run still gets a 1-rank group); ``sharded_params`` (each
 rank holds a different slice of the weights, so each rank checkpoints its own EMA slice).
 EMA: ``named_local_params()`` gives this rank's slice of every parameter (the full tensor when not sharded, the
-FSDP2 DTensor local shard, or the ZeRO-3 partition); ``gather_full(local)`` turns such slices back into full
-tensors on rank 0 (a collective). ``full_state_dict()`` = ``gather_full(named_local_params())``.
+FSDP2 DTensor local shard, or the ZeRO-3 partition), cut as the engine's ``slice_layout`` says (see
+:func:`slice_full`); ``gather_full(local)`` turns such slices back into full tensors on rank 0 (a collective).
+``full_state_dict()`` = ``gather_full(named_local_params())``. Without collectives: ``local_slice(full)`` cuts this
+rank's slices out of full tensors, ``assemble_full(slices, layout)`` joins the slices saved by every rank of a run
+of any world size (resuming on another world size reads those and cuts its own slices).
 """
 
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -34,7 +38,19 @@ from torch import nn
 from deepflow.models.conditions import Condition
 from deepflow.platform.train.distributed import DistContext
 
-__all__ = ["AsyncSave", "Engine", "OptimizerSettings", "PRECISION_DTYPES", "build_adamw", "shard_units"]
+__all__ = [
+    "AsyncSave",
+    "DIM0_CHUNKS",
+    "Engine",
+    "FLAT_PARTITIONS",
+    "FULL",
+    "OptimizerSettings",
+    "PRECISION_DTYPES",
+    "build_adamw",
+    "join_slices",
+    "shard_units",
+    "slice_full",
+]
 
 PRECISION_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -95,6 +111,53 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return list(blocks) if isinstance(blocks, nn.ModuleList) else []
 
 
+# ------------------------------------------------------------------------------------------ slice layouts
+#: How ``named_local_params()`` cuts a parameter of full shape S over W ranks (recorded in checkpoint meta.json as
+#: ``ema_layout``). FULL: every rank holds the whole tensor (DDP, ZeRO-1/2).
+FULL = "full"
+#: ``torch.chunk(full, W, dim=0)[rank]`` (FSDP2 ``Shard(0)``): uneven chunks, ranks past the last chunk hold [0,...].
+DIM0_CHUNKS = "dim0-chunks"
+#: ``full.flatten()`` zero-padded to W * n elements, n = ceil(numel / W); rank r holds [r*n, (r+1)*n) (ZeRO-3).
+FLAT_PARTITIONS = "flat-partitions"
+SLICE_LAYOUTS = (FULL, DIM0_CHUNKS, FLAT_PARTITIONS)
+
+
+def slice_full(full: torch.Tensor, layout: str, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s slice of ``full`` (shape S) in ``layout``: S (FULL), [<=ceil(S0/W), *S[1:]] (DIM0_CHUNKS) or
+    [ceil(numel/W)] (FLAT_PARTITIONS). A view of ``full`` where possible."""
+    if layout == FULL:
+        return full
+    if layout == DIM0_CHUNKS:
+        chunks = full.chunk(world_size, dim=0)
+        return chunks[rank] if rank < len(chunks) else full.new_zeros((0, *full.shape[1:]))
+    if layout == FLAT_PARTITIONS:
+        size = -(-full.numel() // world_size)
+        piece = full.reshape(-1)[rank * size : (rank + 1) * size]
+        if piece.numel() < size:
+            piece = torch.cat([piece, piece.new_zeros(size - piece.numel())])
+        return piece
+    raise ValueError(f"unknown slice layout {layout!r} (known: {', '.join(SLICE_LAYOUTS)})")
+
+
+def join_slices(pieces: Sequence[torch.Tensor], layout: str, shape: torch.Size) -> torch.Tensor:
+    """The full tensor of shape ``shape`` from the slices of ranks 0..W-1 (W = len(pieces)) cut by
+    :func:`slice_full`."""
+    if layout == FULL or (len(pieces) == 1 and pieces[0].shape == shape):
+        return pieces[0]
+    if layout == DIM0_CHUNKS:
+        full = torch.cat(list(pieces), dim=0)
+    elif layout == FLAT_PARTITIONS:
+        numel = torch.Size(shape).numel()
+        full = torch.cat([piece.reshape(-1) for piece in pieces])[:numel].view(shape)
+    else:
+        raise ValueError(f"unknown slice layout {layout!r} (known: {', '.join(SLICE_LAYOUTS)})")
+    if full.shape != shape:
+        raise ValueError(
+            f"{len(pieces)} {layout} slices make a tensor of shape {tuple(full.shape)}, expected {tuple(shape)}"
+        )
+    return full
+
+
 class AsyncSave:
     """An engine save in flight: the state is already captured (copied to CPU, or staged by DCP); ``finish()``
     writes the rest of the files. ``finish`` blocks, runs no collectives and may run in a background thread."""
@@ -123,6 +186,8 @@ class Engine(ABC):
         self.ctx = ctx
         #: True when named_local_params() differ between ranks (each rank must save its own EMA slice)
         self.sharded_params = False
+        #: how named_local_params() cuts the full parameters (FULL, DIM0_CHUNKS or FLAT_PARTITIONS)
+        self.slice_layout = FULL
         self.module: nn.Module = model  # what forward goes through; subclasses replace it with the wrapper
         self.optimizer: torch.optim.Optimizer | Any = None
 
@@ -133,7 +198,8 @@ class Engine(ABC):
         yield
 
     def forward_train(self, x: torch.Tensor, times: torch.Tensor, y: Condition) -> Any:
-        """x [B,C,H,W] float, times [B,k] float32, y labels [B] long or a text dict -> BranchOutputs, via the wrapper's __call__."""
+        """x [B,C,H,W] float, times [B,k] float32, y labels [B] long or a text dict -> BranchOutputs, via the
+        wrapper's __call__."""
         return self.module(x, times, y, return_all=True)
 
     @abstractmethod
@@ -172,14 +238,52 @@ class Engine(ABC):
         """Gathered model weights (CPU, fp32) on rank 0 for export; None on other ranks. Collective."""
         return self.gather_full({name: t.detach() for name, t in self.named_local_params().items()})
 
+    def full_shapes(self) -> dict[str, torch.Size]:
+        """The full (unsharded) shape of every parameter."""
+        return {name: p.shape for name, p in self.model.named_parameters()}
+
+    def local_slice(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's slices of ``full`` (full-shape tensors, any device/dtype), shaped like named_local_params().
+
+        No collectives. Names the model does not have are passed through unchanged (the caller reports them)."""
+        local = self.named_local_params()
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in full.items():
+            if name not in local:
+                out[name] = tensor
+                continue
+            piece = slice_full(tensor, self.slice_layout, self.ctx.rank, self.ctx.world_size)
+            if piece.shape != local[name].shape:
+                raise ValueError(
+                    f"{name}: full shape {tuple(tensor.shape)} cut by {self.slice_layout} for rank {self.ctx.rank} of "
+                    f"{self.ctx.world_size} gives {tuple(piece.shape)}, this rank holds {tuple(local[name].shape)}"
+                )
+            out[name] = piece
+        return out
+
+    def assemble_full(
+        self, slices: Sequence[dict[str, torch.Tensor]], layout: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Full-shape tensors from the slices saved by every rank (rank order) of a run with ``len(slices)`` ranks
+        whose engine cut them by ``layout`` (default: this engine's). No collectives."""
+        layout = layout or self.slice_layout
+        shapes = self.full_shapes()
+        names = slices[0].keys()
+        return {
+            name: join_slices([piece[name] for piece in slices], layout, shapes[name]) if name in shapes
+            else slices[0][name]
+            for name in names
+        }
+
     # -------------------------------------------------------------------------------------------- state
     @abstractmethod
     def save(self, local_dir: str) -> None:
         """Collective: write model + optimizer state into ``local_dir`` (this rank's files)."""
 
     @abstractmethod
-    def load(self, local_dir: str) -> None:
-        """Collective: restore model + optimizer state written by :meth:`save` (files of all ranks present)."""
+    def load(self, local_dir: str, saved_world_size: int) -> None:
+        """Collective: restore model + optimizer state written by :meth:`save` on ``saved_world_size`` ranks (the
+        files of all those ranks present in ``local_dir``); the world size may differ from this run's."""
 
     def async_save(self, local_dir: str) -> AsyncSave | None:
         """Collective: capture model + optimizer state now and return the save in flight (its ``finish()`` writes

@@ -2,7 +2,8 @@
 
 Precision: fp32, bf16 autocast, or fp16 autocast with a GradScaler. Parameters and optimizer state stay fp32
 and replicated, so EMA and export need no gathering. Checkpoint: rank 0 writes ``model.safetensors`` and
-``optimizer.pt`` (tensors only, loaded with ``weights_only=True``).
+``optimizer.pt`` (tensors only, loaded with ``weights_only=True``): the full state, which every rank of a run of any
+world size loads.
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-
-from deepflow.storage import set_default_mode
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from deepflow.models.conditions import Condition
 from deepflow.platform.train.distributed import DistContext
 from deepflow.platform.train.engines.base import AsyncSave, Engine, OptimizerSettings, build_adamw
+from deepflow.storage import set_default_mode
 
 __all__ = ["DDPEngine"]
 
@@ -125,7 +125,8 @@ class DDPEngine(Engine):
         snapshot = _cpu_copy(self._state())
         return AsyncSave(lambda: _write_state(snapshot, local_dir))
 
-    def load(self, local_dir: str) -> None:
+    def load(self, local_dir: str, saved_world_size: int) -> None:
+        """Every rank reads rank 0's full files (whatever the world size that wrote them)."""
         weights = load_file(os.path.join(local_dir, "model.safetensors"), device=str(self.ctx.device))
         self.model.load_state_dict(weights)
         state = torch.load(os.path.join(local_dir, "optimizer.pt"), map_location=self.ctx.device, weights_only=True)

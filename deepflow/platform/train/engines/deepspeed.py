@@ -3,19 +3,31 @@
 bf16/fp16 use DeepSpeed's own mixed precision (16-bit module weights, fp32 master partitions in the ZeRO
 optimizer); the image input is cast to the module dtype here while times stay fp32 (the model's embedders cast
 their features), so the small VeRA time gaps are not rounded to bf16. Checkpoints use DeepSpeed's
-``save_checkpoint``/``load_checkpoint`` (each rank writes its optimizer partition).
+``save_checkpoint``/``load_checkpoint`` (each rank writes its optimizer partition, whose layout depends on the world
+size). Resuming on the same world size loads those files as they are; on another world size they are first converted
+to DeepSpeed's universal checkpoint (``deepspeed.checkpoint.ds_to_universal``: one file per parameter with its fp32
+master weights and AdamW ``exp_avg``/``exp_avg_sq``, plus the step and loss scaler), once per machine into a
+temporary folder, and loaded with DeepSpeed's ``load_universal`` switch: fp32 master weights (also under bf16/fp16)
+and optimizer state are restored exactly, the 16-bit module weights are refreshed from them.
 
 EMA slices: ZeRO-1/2 keep full module weights on every rank (EMA of those); ZeRO-3 keeps each parameter's local
-partition ``param.ds_tensor`` (flat, padded to ``partition_numel``), so the EMA is sharded like the weights and
-is gathered (all_gather per parameter) only for evaluation and export.
+partition ``param.ds_tensor`` (flat, padded to ``ceil(numel / world_size)``: FLAT_PARTITIONS), so the EMA is sharded
+like the weights and is gathered (all_gather per parameter) only for evaluation and export.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import io
+import logging
 import math
 import os
-from collections.abc import Iterator
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -24,11 +36,21 @@ from torch import nn
 
 from deepflow.models.conditions import Condition
 from deepflow.platform.train.distributed import DistContext
-from deepflow.platform.train.engines.base import Engine, OptimizerSettings, build_adamw, shard_units
+from deepflow.platform.train.engines.base import (
+    FLAT_PARTITIONS,
+    FULL,
+    Engine,
+    OptimizerSettings,
+    build_adamw,
+    shard_units,
+)
 
 __all__ = ["DeepSpeedEngine", "deepspeed_config"]
 
-_TAG = "engine"
+log = logging.getLogger(__name__)
+
+_TAG = "engine"  # the DeepSpeed tag: files go to <engine dir>/engine/
+_UNIVERSAL_DONE = "converted"  # written last into a universal copy's folder
 
 
 def _import_deepspeed() -> Any:
@@ -65,6 +87,81 @@ def deepspeed_config(settings: OptimizerSettings, world_size: int) -> dict[str, 
     }
 
 
+def _convert_to_universal(native_dir: str, out_dir: str) -> None:
+    """``ds_to_universal``: the native checkpoint under ``native_dir/<tag>`` -> ``out_dir/<tag>`` (+ the marker).
+
+    Serial (worker processes would be forked from a process holding CUDA/NCCL state). The converter's prints and
+    progress bars are kept out of the job's stdout/stderr. ``inject_missing_state``: DeepSpeed writes the
+    ``universal_checkpoint_info`` the converter asks for only for AutoTP/AutoEP models.
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=os.path.join(native_dir, _TAG),
+        output_folder=os.path.join(out_dir, _TAG),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    start = time.perf_counter()
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        ds_to_universal.main(args)
+    with open(os.path.join(out_dir, _UNIVERSAL_DONE), "w"):
+        pass
+    seconds = time.perf_counter() - start
+    log.info("converted the DeepSpeed checkpoint %s to a universal one in %.1f s", native_dir, seconds)
+
+
+def _convert_everywhere(convert: Callable[[], None] | None, native_dir: str, ctx: DistContext) -> None:
+    """Collective: run ``convert`` where given; if it failed on any rank, every rank raises (no rank is left waiting
+    in the load's collectives)."""
+    error = None
+    if convert is not None:
+        try:
+            convert()
+        except Exception as failure:  # noqa: BLE001 - raised below on every rank
+            error = failure
+    device = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
+    failed = torch.tensor([int(error is not None)], dtype=torch.int32, device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        where = "" if error is not None else " on another rank"
+        raise RuntimeError(
+            f"converting the DeepSpeed checkpoint {native_dir} to a universal one failed{where}"
+        ) from error
+
+
+@contextlib.contextmanager
+def _universal_checkpoint(native_dir: str, ctx: DistContext) -> Iterator[str]:
+    """Collective: a folder holding the universal conversion of the native checkpoint in ``native_dir``.
+
+    The local rank 0 of each machine converts it once into a temporary folder (named by rank 0) that its machine's
+    ranks share; a rank that does not see that folder (another TMPDIR) converts its own copy. Removed on exit, after
+    every rank has loaded.
+    """
+    name = [f"deepflow-universal-{uuid.uuid4().hex}" if ctx.is_main else None]
+    dist.broadcast_object_list(name, src=0)
+    shared = os.path.join(tempfile.gettempdir(), str(name[0]))
+    owned: list[str] = [shared] if ctx.local_rank == 0 else []
+    try:
+        first = (lambda: _convert_to_universal(native_dir, shared)) if ctx.local_rank == 0 else None
+        _convert_everywhere(first, native_dir, ctx)
+        folder = shared
+        if not os.path.isfile(os.path.join(shared, _UNIVERSAL_DONE)):
+            folder = tempfile.mkdtemp(prefix="deepflow-universal-")
+            owned.append(folder)
+        own = (lambda: _convert_to_universal(native_dir, folder)) if folder != shared else None
+        _convert_everywhere(own, native_dir, ctx)
+        yield folder
+        dist.barrier()  # every rank has read the shared copy before its owner removes it
+    finally:
+        for path in owned:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class DeepSpeedEngine(Engine):
     """ZeRO-1/2/3 through ``deepspeed.initialize``; checkpoints are DeepSpeed's own (synchronous only)."""
 
@@ -76,6 +173,8 @@ class DeepSpeedEngine(Engine):
         deepspeed = _import_deepspeed()
         if ctx.backend is None:
             raise RuntimeError("deepspeed engine needs torch.distributed initialised")
+        # DeepSpeed asks for the launcher's LOCAL_RANK even when the process group exists (a plain `python` run)
+        os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))
         deepspeed.init_distributed(dist_backend=ctx.backend)
         model.to(ctx.device)
         if settings.compile:
@@ -88,6 +187,7 @@ class DeepSpeedEngine(Engine):
         self.module = self.ds
         self.zero_stage = settings.zero_stage
         self.sharded_params = settings.zero_stage == 3 and ctx.world_size > 1
+        self.slice_layout = FLAT_PARTITIONS if settings.zero_stage == 3 else FULL
         self._input_dtype = None if settings.precision == "fp32" else settings.dtype
 
     @contextlib.contextmanager
@@ -118,6 +218,11 @@ class DeepSpeedEngine(Engine):
             return {name: p.ds_tensor for name, p in self.model.named_parameters()}
         return {name: p for name, p in self.model.named_parameters()}
 
+    def full_shapes(self) -> dict[str, torch.Size]:
+        if self.zero_stage == 3:
+            return {name: p.ds_shape for name, p in self.model.named_parameters()}
+        return super().full_shapes()
+
     def gather_full(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         if self.zero_stage != 3:
             if not self.ctx.is_main:
@@ -140,7 +245,19 @@ class DeepSpeedEngine(Engine):
     def save(self, local_dir: str) -> None:
         self.ds.save_checkpoint(local_dir, tag=_TAG, client_state={}, save_latest=False)
 
-    def load(self, local_dir: str) -> None:
+    def load(self, local_dir: str, saved_world_size: int) -> None:
+        """The native files on the same world size; a universal conversion of them on another one."""
+        if saved_world_size == self.ctx.world_size:
+            self._load_checkpoint(local_dir)
+            return
+        with _universal_checkpoint(local_dir, self.ctx) as universal_dir:
+            self.ds._config.load_universal_checkpoint = True  # read by DeepSpeed at load time only
+            try:
+                self._load_checkpoint(universal_dir)
+            finally:
+                self.ds._config.load_universal_checkpoint = False
+
+    def _load_checkpoint(self, local_dir: str) -> None:
         path, _ = self.ds.load_checkpoint(
             local_dir, tag=_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )

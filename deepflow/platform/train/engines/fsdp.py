@@ -4,7 +4,8 @@ bf16 precision uses ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`
 AdamW state stay fp32, compute runs in bf16, gradients are reduced in fp32. Times stay fp32 (the root does not
 cast its inputs; the model's embedders cast their own features) so the small VeRA time gaps survive.
 Checkpoints use torch.distributed.checkpoint (DCP) with ``get_state_dict``/``set_state_dict`` for model and
-optimizer; DCP reshards on load, so a run may resume on a different world size.
+optimizer (sharded DTensor state dicts: each rank writes its shards); DCP reshards on load, so a run resumes on any
+world size (weights and AdamW state). EMA slices are the DTensor local shards: ``Shard(0)`` = DIM0_CHUNKS.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from torch.distributed.tensor import DTensor
 
 from deepflow.models.conditions import Condition
 from deepflow.platform.train.distributed import DistContext
-from deepflow.platform.train.engines.base import AsyncSave, Engine, OptimizerSettings, build_adamw, shard_units
+from deepflow.platform.train.engines.base import (
+    DIM0_CHUNKS,
+    AsyncSave,
+    Engine,
+    OptimizerSettings,
+    build_adamw,
+    shard_units,
+)
 
 __all__ = ["FSDPEngine"]
 
@@ -43,6 +51,7 @@ class FSDPEngine(Engine):
             # fully_shard needs a process group; a single process gets a 1-rank gloo/nccl group.
             raise RuntimeError("fsdp engine needs torch.distributed initialised (it is, under any launcher)")
         self.sharded_params = ctx.world_size > 1
+        self.slice_layout = DIM0_CHUNKS  # fully_shard's default placement: Shard(0) on every parameter
         model.to(ctx.device)
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         if settings.precision == "bf16":
@@ -133,7 +142,8 @@ class FSDPEngine(Engine):
         )
         return AsyncSave(future.result)
 
-    def load(self, local_dir: str) -> None:
+    def load(self, local_dir: str, saved_world_size: int) -> None:
+        """DCP reads the saved shards this rank's new shards overlap (any ``saved_world_size``)."""
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, checkpoint_id=local_dir)
