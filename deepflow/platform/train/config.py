@@ -200,7 +200,10 @@ class DistributedSection(_Section):
 
     engine: str = Field("ddp", description="a registered engine: ddp, fsdp, deepspeed (engines.ENGINES)")
     zero_stage: Literal[1, 2, 3] = 2
-    compile: bool = False
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile every transformer block (forward and backward): true, false, or auto = "
+        "on CUDA devices only (on a CPU the build costs minutes and the step gains little)",
+    )
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     collective_timeout_s: float = Field(
         300.0, gt=0.0, description="a collective that waits longer (a peer died) fails the rank, so the Job restarts"
@@ -208,6 +211,10 @@ class DistributedSection(_Section):
     rendezvous_timeout_s: float = Field(
         300.0, gt=0.0, description="how long the ranks wait for each other at start-up"
     )
+
+    def compile_on(self, device_type: str) -> bool:
+        """Whether the engine compiles the model on a ``device_type`` ("cuda", "cpu", ...) device."""
+        return device_type == "cuda" if self.compile == "auto" else bool(self.compile)
 
     @field_validator("engine")
     @classmethod

@@ -67,7 +67,7 @@ def _engine_line(trainer: Trainer) -> str:
     engine = cfg.distributed.engine + (f" ZeRO-{cfg.distributed.zero_stage}" if cfg.distributed.engine == "deepspeed"
                                        else "")
     sharded = ", sharded parameters" if trainer.engine.sharded_params else ""
-    compiled = ", torch.compile" if cfg.distributed.compile else ""
+    compiled = ", torch.compile" if cfg.distributed.compile_on(trainer.ctx.device.type) else ""
     return f"engine      {engine}{sharded}{compiled}, precision {cfg.precision}"
 
 

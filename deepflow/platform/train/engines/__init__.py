@@ -34,8 +34,9 @@ def engine_class(name: str) -> type[Engine]:
         raise ValueError(f"distributed.engine: unknown engine {name!r} (known: {', '.join(sorted(ENGINES))})") from None
 
 
-def optimizer_settings(cfg: RunConfig, world_size: int) -> OptimizerSettings:
-    """Flatten the run config into the knobs the engines need."""
+def optimizer_settings(cfg: RunConfig, world_size: int, device_type: str = "cpu") -> OptimizerSettings:
+    """Flatten the run config into the knobs the engines need (``distributed.compile: auto`` resolved for
+    ``device_type``)."""
     return OptimizerSettings(
         lr=cfg.optim.lr,
         betas=cfg.optim.betas,
@@ -44,7 +45,7 @@ def optimizer_settings(cfg: RunConfig, world_size: int) -> OptimizerSettings:
         grad_clip=cfg.optim.grad_clip,
         grad_accumulation=cfg.schedule.grad_accumulation,
         precision=cfg.precision,
-        compile=cfg.distributed.compile,
+        compile=cfg.distributed.compile_on(device_type),
         per_rank_batch_size=cfg.per_rank_batch_size(world_size),
         zero_stage=cfg.distributed.zero_stage,
     )
@@ -60,4 +61,4 @@ def build_engine(cfg: RunConfig, model: nn.Module, ctx: DistContext) -> Engine:
         if not hasattr(model, "gradient_checkpointing"):
             raise ValueError("model.gradient_checkpointing: this model has no gradient_checkpointing switch")
         model.gradient_checkpointing = True
-    return cls(model, optimizer_settings(cfg, ctx.world_size), ctx)
+    return cls(model, optimizer_settings(cfg, ctx.world_size, ctx.device.type), ctx)

@@ -91,14 +91,25 @@ class OptimizerSettings:
         return PRECISION_DTYPES[self.precision]
 
 
+#: devices whose torch build has the fused (one kernel per parameter group, ahead-of-time compiled) AdamW
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
 def build_adamw(params: Any, settings: OptimizerSettings) -> torch.optim.AdamW:
-    """Plain torch AdamW (foreach; never a JIT-compiled fused kernel, so it runs anywhere)."""
+    """torch AdamW, fused (one pass over each tensor's parameter, gradient and moments instead of about ten) where
+    every parameter lives on a device in :data:`FUSED_ADAMW_DEVICES`, else foreach. On a CPU the fused step is
+    2.5x faster than torch's default loop over tensors (81M parameters; ``bench/bench_reference.py``)."""
+    params = list(params)
+    devices = {p.device.type for group in params for p in (group["params"] if isinstance(group, dict) else [group])}
+    fused = bool(devices) and devices <= set(FUSED_ADAMW_DEVICES)
     return torch.optim.AdamW(
         params,
         lr=settings.lr,
         betas=tuple(settings.betas),
         eps=settings.eps,
         weight_decay=settings.weight_decay,
+        fused=fused,
+        foreach=None if fused else True,
     )
 
 

@@ -85,7 +85,7 @@ class DDPEngine(Engine):
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
         if math.isfinite(grad_norm) or self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # the scaler itself skips non-finite fp16 steps
             self.scaler.update()
