@@ -96,13 +96,18 @@ class DeepFlowBranches(nn.Module):
         dropout_name: str,
         dropout: float,
         vera_mode: str = "full",
+        clamp_gap_scale: bool = True,
         check_heads: bool = False,
     ) -> None:
         """``dropout_name``/``dropout``: the condition-drop probability (stored as ``class_dropout``) and its name
-        in error messages; ``check_heads`` checks hidden_size % num_heads before the SSL / dropout checks."""
+        in error messages; ``check_heads`` checks hidden_size % num_heads before the SSL / dropout checks;
+        ``clamp_gap_scale``: the VeRA gap-modulation scale is clamped to [-5, 5] (the reference's
+        ``--legacy-scaling``; our default) or left unbounded (False)."""
         super().__init__()
         if vera_mode not in VERA_MODES:
             raise ValueError(f"vera_mode must be one of {VERA_MODES}, got {vera_mode!r}")
+        if not isinstance(clamp_gap_scale, bool):
+            raise ValueError(f"clamp_gap_scale must be true or false, got {clamp_gap_scale!r}")
         key_layers = list(key_layers) if key_layers is not None else [depth]
         check_key_layers(key_layers, depth)
         if input_size % patch_size:
@@ -131,6 +136,7 @@ class DeepFlowBranches(nn.Module):
         self.projector_dim = projector_dim
         self.acc_widths = tuple(acc_widths)
         self.vera_mode = vera_mode
+        self.clamp_gap_scale = clamp_gap_scale
         self.has_vera = has_vera
         self.grid_size = input_size // patch_size
         self.gradient_checkpointing = False
@@ -146,7 +152,8 @@ class DeepFlowBranches(nn.Module):
         if self.has_vera:
             self.dt_embedder = TimestepEmbedder(2 * hd)
             self.vera_blocks = nn.ModuleList(
-                VeRABlock(hd, self.num_heads, self.acc_widths, cross_attention=self.vera_mode == "full")
+                VeRABlock(hd, self.num_heads, self.acc_widths, cross_attention=self.vera_mode == "full",
+                          clamp_gap_scale=self.clamp_gap_scale)
                 for _ in range(k - 1)
             )
             self.acc_head = FinalLayer(hd, self.patch_size, self.in_channels)

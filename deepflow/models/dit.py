@@ -22,6 +22,8 @@ class DeepFlowDiT(DeepFlowBranches):
     objective's job. Set ``gradient_checkpointing = True`` to recompute each block in backward.
     ``vera_mode``: "full", "no_cross_attention" (VeRA without cross-space attention) or "identity" (deep
     supervision only: branches joined directly, no acceleration outputs).
+    ``clamp_gap_scale``: clamp the VeRA time-gap modulation scale to [-5, 5] (default, as REFERENCE.md describes;
+    the reference implementation does this only when trained with ``--legacy-scaling``) or not (False).
     """
 
     def __init__(
@@ -41,12 +43,13 @@ class DeepFlowDiT(DeepFlowBranches):
         projector_dim: int = 2048,
         acc_widths: tuple[int, int, int] = (2048, 4096, 2048),
         vera_mode: str = "full",
+        clamp_gap_scale: bool = True,
     ) -> None:
         super().__init__(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, key_layers=key_layers, ssl_align=ssl_align,
             z_dim=z_dim, projector_dim=projector_dim, acc_widths=acc_widths, dropout_name="class_dropout",
-            dropout=class_dropout, vera_mode=vera_mode,
+            dropout=class_dropout, vera_mode=vera_mode, clamp_gap_scale=clamp_gap_scale,
         )
         self.num_classes = num_classes
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)

@@ -166,7 +166,8 @@ class DeepFlowMMDiT(DeepFlowBranches):
 
     ``cond`` is a text dict {"text_emb": [B,L,D], "text_mask": [B,L] bool, "text_pooled": [B,P]}; any L works
     (``max_text_length`` only enters the FLOP count). ``key_layers`` are 1-based block counts ending each branch.
-    Set ``gradient_checkpointing = True`` to recompute each block in backward.
+    Set ``gradient_checkpointing = True`` to recompute each block in backward. ``clamp_gap_scale``: clamp the
+    VeRA time-gap modulation scale to [-5, 5] (default) or not (False), as in ``DeepFlowDiT``.
     """
 
     conditioning = "text"
@@ -191,12 +192,13 @@ class DeepFlowMMDiT(DeepFlowBranches):
         z_dim: int = 768,
         projector_dim: int = 2048,
         acc_widths: tuple[int, int, int] = (2048, 4096, 2048),
+        clamp_gap_scale: bool = True,
     ) -> None:
         super().__init__(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, key_layers=key_layers, ssl_align=ssl_align,
             z_dim=z_dim, projector_dim=projector_dim, acc_widths=acc_widths, dropout_name="text_dropout",
-            dropout=text_dropout, check_heads=True,
+            dropout=text_dropout, clamp_gap_scale=clamp_gap_scale, check_heads=True,
         )
         self.context_dim = context_dim
         self.pooled_dim = pooled_dim if pooled_dim is not None else context_dim

@@ -39,11 +39,12 @@ MMDIT_HIDDEN_PER_LAYER = 32
 _MMDIT_OVERRIDES = {
     "key_layers", "input_size", "in_channels", "patch_size", "context_dim", "pooled_dim", "max_text_length",
     "text_dropout", "class_dropout", "hidden_size", "num_heads", "mlp_ratio", "qk_norm", "ssl_align", "z_dim",
-    "projector_dim", "acc_widths",
+    "projector_dim", "acc_widths", "clamp_gap_scale",
 }
 _OVERRIDES = {
     "depth", "key_layers", "input_size", "in_channels", "num_classes", "ssl_align", "z_dim", "projector_dim",
     "class_dropout", "hidden_size", "num_heads", "mlp_ratio", "acc_widths", "patch_size", "vera_mode",
+    "clamp_gap_scale",
 }
 
 
@@ -170,7 +171,8 @@ def model_spec(name: str) -> ModelSpec:
 def create_mmdit(name: str, **overrides: Any) -> DeepFlowMMDiT:
     """Build "MMDiT-{depth}" / "DeepFlow-MMDiT-{depth}-{k}T"; the depth comes from the name. Overrides: key_layers,
     input_size, in_channels, patch_size, context_dim, pooled_dim, max_text_length, text_dropout (alias
-    class_dropout), hidden_size, num_heads, mlp_ratio, qk_norm, ssl_align, z_dim, projector_dim, acc_widths.
+    class_dropout), hidden_size, num_heads, mlp_ratio, qk_norm, ssl_align, z_dim, projector_dim, acc_widths,
+    clamp_gap_scale.
     """
     parsed = parse_mmdit_name(name)
     if parsed is None:
@@ -192,7 +194,9 @@ def create_mmdit(name: str, **overrides: Any) -> DeepFlowMMDiT:
 
 def create_model(name: str, **overrides: Any) -> DeepFlowDiT | DeepFlowMMDiT:
     """Build a named architecture; overrides: depth, key_layers, input_size, in_channels, num_classes,
-    ssl_align, z_dim, projector_dim, class_dropout, hidden_size, num_heads, mlp_ratio, acc_widths, patch_size.
+    ssl_align, z_dim, projector_dim, class_dropout, hidden_size, num_heads, mlp_ratio, acc_widths, patch_size,
+    vera_mode, clamp_gap_scale (True, the default: the VeRA gap-modulation scale is clamped to [-5, 5], the
+    reference's ``--legacy-scaling``; False: not clamped, the reference scripts' default).
     MMDiT names ("MMDiT-24", "DeepFlow-MMDiT-24-3T") go to ``create_mmdit`` (its own override set).
     """
     if parse_mmdit_name(name) is not None:

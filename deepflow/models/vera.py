@@ -10,7 +10,10 @@ from torch import nn
 
 from deepflow.models.layers import Mlp, _xavier_linears, modulate, multihead_sdpa
 
-__all__ = ["AccMlp", "GapModulation", "CrossSpaceAttention", "VeRABlock"]
+__all__ = ["AccMlp", "GapModulation", "CrossSpaceAttention", "VeRABlock", "GAP_SCALE_BOUND"]
+
+#: The bound of the clamped gap-modulation scale: scale in [-GAP_SCALE_BOUND, GAP_SCALE_BOUND].
+GAP_SCALE_BOUND = 5.0
 
 
 class AccMlp(nn.Sequential):
@@ -33,11 +36,15 @@ class GapModulation(nn.Module):
     """Time-gap modulation on z = concat(h, a*) [B,N,2H] with the gap embedding e [B,2H] -> [B,N,H].
 
     LayerNorm(2H) without affine; shift, scale (that order) from SiLU+Linear(2H,4H) (zero-init), scale clamped
-    to [-5, 5]; then Mlp 2H -> 2H -> H (tanh-GELU). No gate, no residual.
+    to [-5, 5] when ``clamp_scale`` (the reference's ``--legacy-scaling``; left as is otherwise); then
+    Mlp 2H -> 2H -> H (tanh-GELU). No gate, no residual.
     """
 
-    def __init__(self, hidden_size: int) -> None:
+    def __init__(self, hidden_size: int, clamp_scale: bool = True) -> None:
         super().__init__()
+        if not isinstance(clamp_scale, bool):
+            raise ValueError(f"clamp_gap_scale must be true or false, got {clamp_scale!r}")
+        self.clamp_scale = clamp_scale
         width = 2 * hidden_size
         self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(width, width, hidden_size)
@@ -45,8 +52,12 @@ class GapModulation(nn.Module):
 
     def forward(self, z: torch.Tensor, gap_emb: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(gap_emb).chunk(2, dim=-1)
-        scale = scale.clamp(-5.0, 5.0)
+        if self.clamp_scale:
+            scale = scale.clamp(-GAP_SCALE_BOUND, GAP_SCALE_BOUND)
         return self.mlp(modulate(self.norm_final(z), shift, scale))
+
+    def extra_repr(self) -> str:
+        return f"clamp_scale={self.clamp_scale}"
 
 
 class CrossSpaceAttention(nn.Module):
@@ -89,7 +100,8 @@ class VeRABlock(nn.Module):
     """h [B,N,H] (branch i's tokens), x_query [B,N,H] (embedded x_{t1}), gap_emb [B,2H] -> (next_h, a*).
 
     next_h [B,N,H] is the input of branch i+1; a* [B,N,H] are the acceleration tokens (fed to the shared
-    acceleration head by the model when training).
+    acceleration head by the model when training). ``clamp_gap_scale``: clamp the gap-modulation scale to
+    [-5, 5] (see ``GapModulation``).
     """
 
     def __init__(
@@ -98,10 +110,11 @@ class VeRABlock(nn.Module):
         num_heads: int,
         acc_widths: tuple[int, int, int] = (2048, 4096, 2048),
         cross_attention: bool = True,
+        clamp_gap_scale: bool = True,
     ) -> None:
         super().__init__()
         self.acc_mlp = AccMlp(hidden_size, acc_widths)
-        self.acc_norm = GapModulation(hidden_size)
+        self.acc_norm = GapModulation(hidden_size, clamp_scale=clamp_gap_scale)
         # Without cross-space attention (an ablation), the modulated features are the next branch's input.
         self.cross_attention = CrossSpaceAttention(hidden_size, num_heads) if cross_attention else None
 

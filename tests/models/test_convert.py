@@ -5,13 +5,25 @@ The command that reads and writes files is tested in tests/platform/inference/te
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from deepflow.models.convert import ReferenceCheckpointError, load_reference_state_dict, to_reference_state_dict
+from deepflow.models.convert import (
+    REFERENCE_LEGACY_SCALING_DEFAULT,
+    ReferenceCheckpointError,
+    infer_reference_config,
+    load_reference_state_dict,
+    reference_legacy_scaling,
+    to_reference_state_dict,
+)
 
 H, HEADS, P, C, GRID, CLASSES, ACC, PROJ, Z = 32, 4, 2, 4, 4, 10, (24, 40, 24), 20, 12
 
@@ -130,8 +142,9 @@ def _head(sd, name, h, c):
     return img.reshape(b, C, GRID * P, GRID * P)
 
 
-def reference_forward(sd, x, times, y, depth, df_idxs):
-    """times: list of k tensors [B]. Returns (velocities, accelerations) in image space."""
+def reference_forward(sd, x, times, y, depth, df_idxs, legacy_scaling=False):
+    """times: list of k tensors [B]. Returns (velocities, accelerations) in image space. ``legacy_scaling``: the
+    gap-modulation scale is clamped to [-5, 5] (the reference's --legacy-scaling), else used as is."""
     b = x.shape[0]
     tokens = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=P)
     tokens = tokens.reshape(b, H, -1).transpose(1, 2) + sd["pos_embed"]
@@ -158,7 +171,8 @@ def reference_forward(sd, x, times, y, depth, df_idxs):
             accs.append(_head(sd, "final_acc_layer", a, c))
             gap = _embed_time(sd, "dt_embedder", times[branch + 1] - times[branch])
             shift, scale = _lin(sd, f"{d}.acc_norm.adaLN_modulation.1", F.silu(gap)).chunk(2, dim=1)
-            z = _ln(torch.cat([h, a], dim=-1)) * (1 + scale.clamp(-5, 5)[:, None]) + shift[:, None]
+            scale = scale.clamp(-5, 5) if legacy_scaling else scale
+            z = _ln(torch.cat([h, a], dim=-1)) * (1 + scale[:, None]) + shift[:, None]
             refined = _lin(sd, f"{d}.acc_norm.mlp.fc2", _gelu_tanh(_lin(sd, f"{d}.acc_norm.mlp.fc1", z)))
             w, bias = sd[f"{d}.cross_attention.layer_norm.weight"], sd[f"{d}.cross_attention.layer_norm.bias"]
             qn = _ln(tokens, 1e-5) * w + bias
@@ -191,6 +205,7 @@ def test_converted_model_reproduces_reference_forward(name, depth, df_idxs, ssl)
     model = load_reference_state_dict(checkpoint, name, hidden_size=H, num_heads=HEADS).eval()
     k = len(df_idxs) + 1
     assert model.key_layers == df_idxs + [depth] and model.ssl_align == ssl
+    assert not model.clamp_gap_scale  # args without legacy_scaling: the reference scripts' default
     assert model.acc_widths == (ACC if df_idxs else (2048, 4096, 2048))
     x, times, y = _inputs(k)
     with torch.no_grad():
@@ -240,3 +255,221 @@ def test_unknown_missing_and_mismatched_keys_are_listed():
         load_reference_state_dict({"ema": sd, "args": {"qk_norm": True}}, "DeepFlow-S/2-2T")
     with pytest.raises(ReferenceCheckpointError, match="shape mismatches"):
         load_reference_state_dict(sd, "DeepFlow-S/2-2T", hidden_size=H, num_heads=HEADS, acc_widths=(8, 8, 8))
+
+
+# ----------------------------------------------------------------------------- the VeRA gap-scale clamp
+def with_large_gap_scale(sd: dict[str, torch.Tensor], num_vera: int, bound: float = 8.0) -> dict[str, torch.Tensor]:
+    """A copy of ``sd`` whose gap-modulation scale (the second half of acc_norm.adaLN_modulation.1) leaves [-5, 5]
+    on alternate channels (+-bound on even ones), so that the reference's --legacy-scaling clamp bites."""
+    sd = dict(sd)
+    for n in range(num_vera):
+        key = f"df_blocks.{n}.acc_norm.adaLN_modulation.1.bias"
+        bias = sd[key].clone()
+        half = bias.shape[0] // 2
+        bias[half:] = 0.0
+        bias[half::4] = bound
+        bias[half + 2::4] = -bound
+        sd[key] = bias
+    return sd
+
+
+def reference_args(depth: int, df_idxs: list[int], **fields) -> argparse.Namespace:
+    """The fields of the reference train.py's args that describe the network (df_idxs as the JSON text it stores)."""
+    base = dict(model="DeepFlow-S/2", trans_depth=depth, df_idxs=str(df_idxs).replace(" ", ""), num_classes=CLASSES,
+                resolution=GRID * P * 8, ssl_align=False, qk_norm=False, fused_attn=True, legacy_scaling=False)
+    return argparse.Namespace(**{**base, **fields})
+
+
+DEPTH_3T, IDXS_3T = 3, [1, 2]
+
+
+def _forward_both(model, sd):
+    """(ours, reference with the clamp, reference without) last velocities and accelerations."""
+    x, times, y = _inputs(len(IDXS_3T) + 1)
+    with torch.no_grad():
+        out = model.eval().forward_train(x, times, y)
+    refs = [reference_forward(sd, x, list(times.unbind(1)), y, DEPTH_3T, IDXS_3T, legacy_scaling=legacy)
+            for legacy in (True, False)]
+    return out.velocities + out.accelerations, [v + a for v, a in refs]
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_args_legacy_scaling_decides_the_gap_scale_clamp(legacy):
+    """A reference checkpoint trained with --legacy-scaling imports as clamping, one trained without as not; each
+    reproduces the reference forward with its own setting and not the other's (the clamp bites here)."""
+    sd = with_large_gap_scale(make_reference_state_dict(DEPTH_3T, 2, False), 2)
+    checkpoint = {"ema": sd, "args": reference_args(DEPTH_3T, IDXS_3T, legacy_scaling=legacy)}
+    model = load_reference_state_dict(checkpoint, "DeepFlow-S/2-3T", hidden_size=H, num_heads=HEADS)
+    assert model.clamp_gap_scale is legacy and model.key_layers == IDXS_3T + [DEPTH_3T]
+    assert all(vera.acc_norm.clamp_scale is legacy for vera in model.vera_blocks)
+    ours, (ref_clamped, ref_free) = _forward_both(model, sd)
+    assert (ref_clamped[-1] - ref_free[-1]).abs().max() > 1e-2  # the two settings are different networks here
+    for got, want in zip(ours, ref_clamped if legacy else ref_free):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+    # the inferred config carries it too (what a config or model card would hold)
+    assert infer_reference_config(sd, checkpoint["args"])["clamp_gap_scale"] is legacy
+    assert infer_reference_config(sd, {"legacy_scaling": int(legacy)})["clamp_gap_scale"] is legacy
+
+
+def test_missing_legacy_scaling_is_the_reference_default_unless_overridden():
+    """Without args.legacy_scaling (a bare state dict, or args that predate the flag): no clamp, the reference
+    scripts' default; ``clamp_gap_scale=`` overrides that and the checkpoint's args alike."""
+    sd = with_large_gap_scale(make_reference_state_dict(DEPTH_3T, 2, False), 2)
+    assert REFERENCE_LEGACY_SCALING_DEFAULT is False
+    old_args = {"depth": DEPTH_3T, "df_idxs": IDXS_3T}
+    for checkpoint in (sd, {"ema": sd, "args": old_args}, {"ema": sd}):
+        model = load_reference_state_dict(checkpoint, "DeepFlow-S/2-3T", hidden_size=H, num_heads=HEADS)
+        assert model.clamp_gap_scale is False
+    assert reference_legacy_scaling(None) is None and reference_legacy_scaling(old_args) is None
+    model = load_reference_state_dict(sd, "DeepFlow-S/2-3T", hidden_size=H, num_heads=HEADS, clamp_gap_scale=True)
+    ours, (ref_clamped, _) = _forward_both(model, sd)
+    for got, want in zip(ours, ref_clamped):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+    checkpoint = {"ema": sd, "args": reference_args(DEPTH_3T, IDXS_3T, legacy_scaling=True)}
+    model = load_reference_state_dict(checkpoint, "DeepFlow-S/2-3T", hidden_size=H, num_heads=HEADS,
+                                      clamp_gap_scale=False)
+    assert model.clamp_gap_scale is False
+
+
+def test_reference_args_that_contradict_the_weights_are_refused():
+    sd = make_reference_state_dict(DEPTH_3T, 2, False)
+
+    def load(**fields):
+        args = argparse.Namespace(**{**vars(reference_args(DEPTH_3T, IDXS_3T)), **fields})
+        return load_reference_state_dict({"ema": sd, "args": args}, "DeepFlow-S/2-3T", hidden_size=H,
+                                         num_heads=HEADS)
+
+    assert load().key_layers == [1, 2, 3]  # df_idxs as the reference stores it: the JSON text "[1,2]"
+    for fields, match in [
+        (dict(trans_depth=4), r"args.trans_depth=4 but the state dict holds 3 blocks"),
+        (dict(df_idxs="[1]"), r"args.df_idxs=\[1\] names 1 VeRA blocks, state dict holds 2"),
+        (dict(df_idxs="1,2"), r"args.df_idxs must be a list"),
+        (dict(num_classes=1000), r"args.num_classes=1000 but the label table holds 10 classes"),
+        (dict(resolution=256), r"args.resolution=256 means 32x32 latents but pos_embed holds 8x8"),
+        (dict(ssl_align=True), r"args.ssl_align=True but the state dict lacks the SSL projectors"),
+        (dict(model="DeepFlow-XL/2"), r"args.model='DeepFlow-XL/2' does not match 'DeepFlow-S/2-3T'"),
+        (dict(legacy_scaling="yes"), r"args.legacy_scaling must be true or false"),
+        (dict(qk_norm=True), r"qk_norm=True"),
+    ]:
+        with pytest.raises(ReferenceCheckpointError, match=match):
+            load(**fields)
+
+
+# ----------------------------------------------------------------------------- the convert job keeps the setting
+@pytest.mark.parametrize("args_legacy,flag,expect,why", [
+    (True, None, True, "from the checkpoint's args.legacy_scaling=True"),
+    (False, None, False, "from the checkpoint's args.legacy_scaling=False"),
+    (None, None, False, "the checkpoint's args do not record legacy_scaling: the reference scripts' default, off"),
+    (None, "--legacy-scaling", True, "from --legacy-scaling)"),
+    (False, "--legacy-scaling", True, "from --legacy-scaling; the checkpoint's args.legacy_scaling is False"),
+    (True, "--no-legacy-scaling", False, "from --no-legacy-scaling; the checkpoint's args.legacy_scaling is True"),
+])
+def test_convert_job_records_the_gap_scale_setting_for_sampling(tmp_path, capsys, args_legacy, flag, expect, why):
+    """``deepflow convert`` prints the setting it used (one line), writes it into the model card, and the model that
+    ``deepflow sample`` builds from the export (generate.build_model) is the same network."""
+    from deepflow.artifacts import load_weights
+    from deepflow.platform.inference.convert import main
+    from deepflow.platform.inference.generate import build_model
+
+    sd = with_large_gap_scale(make_reference_state_dict(DEPTH_3T, 2, False), 2)
+    if args_legacy is None:
+        checkpoint: dict = sd  # a bare state dict: no args
+    else:
+        checkpoint = {"ema": sd, "steps": 3, "args": reference_args(DEPTH_3T, IDXS_3T, legacy_scaling=args_legacy)}
+    path = tmp_path / "ref.pt"
+    torch.save(checkpoint, path)
+    argv = ["--reference", str(path), "--name", "DeepFlow-S/2-3T", "--out", str(tmp_path / "out"),
+            "--num-heads", str(HEADS), "--hidden-size", str(H)] + ([flag] if flag else [])
+    assert main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "gap-modulation scale clamp" in line]
+    assert len(lines) == 1 and lines[0].split(": ")[1].startswith("on" if expect else "off"), lines
+    assert why in lines[0]
+    weights, card = load_weights(str(tmp_path / "out"))
+    assert card.kwargs["clamp_gap_scale"] is expect
+    model = build_model(weights, card, "cpu")
+    assert model.clamp_gap_scale is expect
+    if args_legacy is None:  # even keys layers without args: 3 blocks -> [1, 2, 3]
+        assert model.key_layers == IDXS_3T + [DEPTH_3T]
+    ours, (ref_clamped, ref_free) = _forward_both(model, sd)
+    for got, want in zip(ours, ref_clamped if expect else ref_free):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+
+
+def test_old_model_cards_without_the_setting_still_clamp():
+    """Exports written before the option existed (no clamp_gap_scale in their card) rebuild as before: clamped."""
+    from deepflow.artifacts import ModelCard
+    from deepflow.platform.inference.generate import build_model
+
+    sd = with_large_gap_scale(make_reference_state_dict(DEPTH_3T, 2, False), 2)
+    model = load_reference_state_dict(sd, "DeepFlow-S/2-3T", hidden_size=H, num_heads=HEADS, clamp_gap_scale=True)
+    kwargs = dict(depth=DEPTH_3T, key_layers=[1, 2, 3], hidden_size=H, num_heads=HEADS, num_classes=CLASSES,
+                  input_size=GRID * P, acc_widths=list(ACC))
+    card = ModelCard(model="DeepFlow-S/2-3T", kwargs=kwargs, kind="pixel")
+    rebuilt = build_model({k: v.clone() for k, v in model.state_dict().items()}, card, "cpu")
+    assert rebuilt.clamp_gap_scale is True
+    ours, (ref_clamped, _) = _forward_both(rebuilt, sd)
+    for got, want in zip(ours, ref_clamped):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- against the reference's own code
+REFERENCE_REPO = Path("/work/.mirror/ByteDance-Seed+DeepFlow/repo")
+
+
+def _reference_model_class(tmp_path: Path):
+    """The reference's DeepFlow class, read from its checkout (a bare git directory) into tmp_path and imported;
+    skips when the checkout, git or timm is missing. Its modules are removed from sys.modules afterwards."""
+    if not REFERENCE_REPO.is_dir() or shutil.which("git") is None:
+        pytest.skip("no checkout of ByteDance-Seed/DeepFlow")
+    pytest.importorskip("timm")
+    for rel in ("models/blocks.py", "models/deepflow.py", "utils/utils.py"):
+        try:
+            text = subprocess.run(["git", "-C", str(REFERENCE_REPO), "show", f"HEAD:{rel}"], check=True,
+                                  capture_output=True, text=True).stdout
+        except (subprocess.CalledProcessError, OSError):
+            pytest.skip(f"cannot read {rel} from the reference checkout")
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules)
+             if name in ("models", "utils") or name.startswith(("models.", "utils."))}
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = importlib.import_module("models.deepflow")
+        return module.DeepFlow
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [n for n in sys.modules if n in ("models", "utils") or n.startswith(("models.", "utils."))]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_matches_the_reference_velocity_modulation(tmp_path, legacy):
+    """Optional: the reference network itself (built with legacy_scaling=legacy, random weights, a gap scale past
+    the bound), saved with its args, imports to a model with the same outputs."""
+    reference_class = _reference_model_class(tmp_path)
+    torch.manual_seed(0)
+    reference = reference_class(
+        path_type="linear", input_size=GRID * P, patch_size=P, in_channels=C, hidden_size=H, decoder_hidden_size=H,
+        depth=DEPTH_3T, num_heads=HEADS, num_classes=CLASSES, df_idxs=IDXS_3T, projector_dim=ACC[0],
+        legacy_scaling=legacy, fused_attn=False, qk_norm=False,
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in reference.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=g) / math.sqrt(param.shape[-1]))
+    sd = with_large_gap_scale({k: v.detach().clone() for k, v in reference.state_dict().items()}, len(IDXS_3T))
+    reference.load_state_dict(sd)
+    checkpoint = {"ema": sd, "args": reference_args(DEPTH_3T, IDXS_3T, legacy_scaling=legacy)}
+    model = load_reference_state_dict(checkpoint, "DeepFlow-S/2-3T", hidden_size=H, num_heads=HEADS).eval()
+    assert model.acc_widths == (ACC[0], 2 * ACC[0], ACC[0])
+    x, times, y = _inputs(len(IDXS_3T) + 1)
+    with torch.no_grad():
+        ref_v, ref_a, _ = reference(x, list(times.unbind(1)), y)
+        out = model.forward_train(x, times, y)
+        other = load_reference_state_dict(checkpoint, "DeepFlow-S/2-3T", hidden_size=H, num_heads=HEADS,
+                                          clamp_gap_scale=not legacy).eval().forward_train(x, times, y)
+    for got, want in zip(out.velocities + out.accelerations, ref_v + ref_a):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+    assert (other.velocities[-1] - ref_v[-1]).abs().max() > 1e-2  # the other setting is a different network

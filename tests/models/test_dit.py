@@ -154,3 +154,79 @@ def test_flops_close_to_paper():
     assert abs(sit_xl - 114) < 1.0  # paper: 114
     assert abs(df_b - 28) < 1.0  # paper: 28
     assert abs(sit_xl_attn - 118.6) < 0.1  # DiT paper's DiT-XL/2 count, which includes attention matmuls
+
+
+def _scale_gap_modulation_(model, bound: float = 8.0) -> torch.Tensor:
+    """Push the gap-modulation scale of VeRA block 0 past [-5, 5] on alternate channels (+-bound on even ones);
+    returns the scale rows' bias."""
+    hd2 = 2 * model.hidden_size
+    with torch.no_grad():
+        bias = model.vera_blocks[0].acc_norm.adaLN_modulation[1].bias
+        bias[hd2:] = 0.0
+        bias[hd2::4] = bound
+        bias[hd2 + 2::4] = -bound
+    return bias[hd2:]
+
+
+def _gap_mlp_inputs(model, x, times, y):
+    """VeRA block 0's gap modulation: (its input concat(h, a*) [B,N,2H], gap embedding [B,2H], the modulated
+    input of its MLP [B,N,2H]) and the model's training outputs."""
+    seen = {}
+    gap = model.vera_blocks[0].acc_norm
+    handles = [gap.register_forward_pre_hook(lambda m, a: seen.update(z=a[0], emb=a[1])),
+               gap.mlp.register_forward_pre_hook(lambda m, a: seen.update(modulated=a[0]))]
+    try:
+        with torch.no_grad():
+            out = model.forward_train(x, times, y)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (seen["z"], seen["emb"], seen["modulated"]), out
+
+
+def test_gap_scale_clamp_option_clamps_only_where_the_scale_leaves_the_bound():
+    """clamp_gap_scale=True (the default) clamps the VeRA gap-modulation scale to [-5, 5]; False leaves it: the
+    modulated features differ exactly in the channels where |scale| > 5, each as computed by hand."""
+    clamped = randomize_(tiny_model("DeepFlow-S/2-2T", depth=2), std=0.1).eval()
+    assert clamped.clamp_gap_scale and clamped.vera_blocks[0].acc_norm.clamp_scale
+    _scale_gap_modulation_(clamped)
+    free = tiny_model("DeepFlow-S/2-2T", depth=2, clamp_gap_scale=False).eval()
+    free.load_state_dict(clamped.state_dict())
+    assert not free.clamp_gap_scale and not free.vera_blocks[0].acc_norm.clamp_scale
+    x, t, y = inputs(clamped)
+    times = torch.stack([t, (t + 0.05).clamp(0, 1)], dim=1)
+    (z, emb, mod_clamped), out_clamped = _gap_mlp_inputs(clamped, x, times, y)
+    (z_free, emb_free, mod_free), out_free = _gap_mlp_inputs(free, x, times, y)
+    torch.testing.assert_close((z, emb), (z_free, emb_free))  # the same up to the modulation
+
+    # by hand: shift, scale from SiLU+Linear of the gap embedding; LayerNorm(concat(h, a*)) * (1 + scale) + shift
+    linear = clamped.vera_blocks[0].acc_norm.adaLN_modulation[1]
+    shift, scale = (torch.nn.functional.silu(emb) @ linear.weight.T + linear.bias).chunk(2, dim=-1)
+    normed = torch.nn.functional.layer_norm(z, (z.shape[-1],), eps=1e-6)
+    bites = scale.abs() > 5.0  # [B, 2H]
+    assert bites.any(dim=1).all() and (~bites).any()
+    torch.testing.assert_close(mod_clamped, normed * (1 + scale.clamp(-5, 5)[:, None]) + shift[:, None])
+    torch.testing.assert_close(mod_free, normed * (1 + scale[:, None]) + shift[:, None])
+    differs = (mod_clamped - mod_free).abs().amax(dim=1) > 1e-4  # [B, 2H]
+    assert torch.equal(differs, bites)
+    assert not torch.allclose(out_clamped.velocities[-1], out_free.velocities[-1])
+    torch.testing.assert_close(out_clamped.velocities[0], out_free.velocities[0])  # before the VeRA block
+
+    # within the bound the two settings are the same network
+    _scale_gap_modulation_(clamped, bound=0.0)
+    free.load_state_dict(clamped.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(clamped(x, t, y), free(x, t, y))
+
+
+def test_gap_scale_clamp_option_is_a_registered_override():
+    from deepflow.models.registry import model_spec
+
+    for name in ("DeepFlow-S/2-2T", "SiT-S/2", "DeepFlow-MMDiT-4-2T"):
+        assert "clamp_gap_scale" in model_spec(name).accepted_overrides
+    with torch.device("meta"):
+        mmdit = create_model("DeepFlow-MMDiT-4-2T", hidden_size=64, num_heads=4, clamp_gap_scale=False)
+        assert not mmdit.clamp_gap_scale and not mmdit.vera_blocks[0].acc_norm.clamp_scale
+        assert create_model("DeepFlow-MMDiT-4-2T", hidden_size=64, num_heads=4).vera_blocks[0].acc_norm.clamp_scale
+        with pytest.raises(ValueError, match="clamp_gap_scale must be true or false"):
+            create_model("DeepFlow-S/2-2T", clamp_gap_scale="no")

@@ -9,32 +9,44 @@ sampling job, the demo and ``artifacts.load_weights`` read.
 every architecture argument ``create_model`` needs to rebuild it exactly, class conditioning, and the decoder of
 its samples: the reference trains on SD-VAE latents, so ``kind`` "vae", ``vae`` stabilityai/sd-vae-ft-ema and the
 SD latent scale unless flags say otherwise. The reference file is read with ``torch.load(weights_only=True)``.
+
+The VeRA gap-modulation scale is clamped to [-5, 5] only if the reference model was trained with
+``--legacy-scaling``: the checkpoint's ``args.legacy_scaling`` says so; without it (a bare state dict) the
+reference scripts' default (no clamp) is used; ``--legacy-scaling`` / ``--no-legacy-scaling`` override both. The
+job prints the setting it used, and the card records it (``clamp_gap_scale``) so that sampling rebuilds the same
+network.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from deepflow.artifacts import ModelCard, write_export
 from deepflow.models import create_model
-from deepflow.models.convert import load_reference_state_dict
+from deepflow.models.convert import (
+    REFERENCE_LEGACY_SCALING_DEFAULT,
+    load_reference_state_dict,
+    reference_legacy_scaling,
+    select_reference_weights,
+)
 from deepflow.errors import JobArgumentParser, report_user_errors
 from deepflow.platform.inference.generate import DEFAULT_LATENT_SCALE
 from deepflow.storage import resolve_storage_options
 
-__all__ = ["DEFAULT_VAE", "architecture_kwargs", "build_parser", "convert", "load_reference_checkpoint", "main"]
+__all__ = ["DEFAULT_VAE", "architecture_kwargs", "build_parser", "convert", "gap_scale_note",
+           "load_reference_checkpoint", "main"]
 
 #: The VAE whose latents the reference models are trained on.
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 #: Constructor arguments of a DeepFlowDiT that ``create_model`` takes; recorded so the card rebuilds it exactly.
 _ARCHITECTURE = ("depth", "key_layers", "input_size", "patch_size", "in_channels", "num_classes", "hidden_size",
                  "num_heads", "mlp_ratio", "class_dropout", "ssl_align", "z_dim", "projector_dim", "acc_widths",
-                 "vera_mode")
+                 "vera_mode", "clamp_gap_scale")
 
 
 def load_reference_checkpoint(path: str) -> Mapping[str, Any]:
@@ -77,6 +89,25 @@ def _chosen_weights(checkpoint: Mapping[str, Any], prefer: str) -> str | None:
     return None
 
 
+def gap_scale_note(checkpoint: Mapping[str, Any], prefer: str, legacy_scaling: bool | None,
+                   model: torch.nn.Module) -> str:
+    """One line: whether the converted ``model`` clamps the VeRA gap-modulation scale, and why (the
+    ``--legacy-scaling`` flag, the checkpoint's args, or the reference scripts' default)."""
+    used = "on" if model.clamp_gap_scale else "off"
+    head = f"VeRA gap-modulation scale clamp to [-5, 5] (reference --legacy-scaling): {used}"
+    recorded = reference_legacy_scaling(select_reference_weights(checkpoint, prefer)[1])
+    if legacy_scaling is not None:
+        flag = "--legacy-scaling" if legacy_scaling else "--no-legacy-scaling"
+        also = "" if recorded is None else f"; the checkpoint's args.legacy_scaling is {recorded}"
+        return f"{head} (from {flag}{also})"
+    if recorded is not None:
+        return f"{head} (from the checkpoint's args.legacy_scaling={recorded})"
+    default = "on" if REFERENCE_LEGACY_SCALING_DEFAULT else "off"
+    hint = "; the reference README trains SSL-aligned models with it" if getattr(model, "ssl_align", False) else ""
+    return (f"{head} (the checkpoint's args do not record legacy_scaling: the reference scripts' default, "
+            f"{default}{hint}; choose with --legacy-scaling / --no-legacy-scaling)")
+
+
 def convert(
     reference: str,
     name: str,
@@ -84,14 +115,26 @@ def convert(
     *,
     prefer: str = "ema",
     overrides: dict[str, Any] | None = None,
+    legacy_scaling: bool | None = None,
+    report: Callable[[str], None] | None = None,
     kind: str = "vae",
     vae: str | None = DEFAULT_VAE,
     latent_scale: float | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> tuple[str, torch.nn.Module, ModelCard]:
-    """Convert ``reference`` into an export at ``out``; returns (weights URL, model, card)."""
+    """Convert ``reference`` into an export at ``out``; returns (weights URL, model, card).
+
+    ``legacy_scaling``: clamp the VeRA gap-modulation scale (True) or not (False) whatever the checkpoint's
+    args say; None: args.legacy_scaling, else the reference scripts' default (no clamp). ``report`` receives
+    the one-line ``gap_scale_note`` (models with VeRA blocks only).
+    """
     checkpoint = load_reference_checkpoint(reference)
-    model = load_reference_state_dict(checkpoint, name, prefer=prefer, **(overrides or {}))
+    overrides = dict(overrides or {})
+    if legacy_scaling is not None:
+        overrides["clamp_gap_scale"] = bool(legacy_scaling)
+    model = load_reference_state_dict(checkpoint, name, prefer=prefer, **overrides)
+    if report is not None and model.has_vera:
+        report(gap_scale_note(checkpoint, prefer, legacy_scaling, model))
     kwargs = architecture_kwargs(model)
     _check_rebuilds(name, kwargs, model)
     chosen = _chosen_weights(checkpoint, prefer)
@@ -115,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights to prefer")
     p.add_argument("--num-heads", type=int, help="override the size's head count")
     p.add_argument("--hidden-size", type=int, help="override the size's hidden width")
+    p.add_argument("--legacy-scaling", action=argparse.BooleanOptionalAction, default=None,
+                   help="clamp the VeRA gap-modulation scale to [-5, 5] as the reference does when trained with "
+                        "--legacy-scaling (default: the checkpoint's args.legacy_scaling; without args, no clamp, "
+                        "the reference scripts' default)")
     p.add_argument("--kind", choices=("vae", "pixel"), default="vae", help="what the model's samples are")
     p.add_argument("--vae", default=DEFAULT_VAE, help="AutoencoderKL that decodes the samples (kind vae)")
     p.add_argument("--latent-scale", type=float, help=f"latent scale (kind vae; default {DEFAULT_LATENT_SCALE})")
@@ -131,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"latent_scale: must be > 0, got {args.latent_scale}")
         overrides = {k: v for k, v in (("num_heads", args.num_heads), ("hidden_size", args.hidden_size)) if v}
         url, model, _ = convert(
-            args.reference, args.name, args.out, prefer=args.weights, overrides=overrides, kind=args.kind,
+            args.reference, args.name, args.out, prefer=args.weights, overrides=overrides,
+            legacy_scaling=args.legacy_scaling, report=lambda line: print(line, flush=True), kind=args.kind,
             vae=args.vae, latent_scale=args.latent_scale,
             storage_options=resolve_storage_options(args.out, None, args.endpoint_url),
         )

@@ -503,13 +503,12 @@ def resolve_model_for_dataset(cfg: RunConfig, manifest: Manifest | None) -> RunC
     if manifest is None:
         return cfg
     updated = cfg.model_copy(deep=True)
-    updated.data.streams = _resolve_streams(cfg, manifest)
-    if not cfg.model.is_text:
+    if cfg.model.is_text:
+        updated.model.extra = _text_extra(cfg, manifest)
+    else:
         _check_class_dataset(cfg, manifest)
-        _check_sample_shape(cfg, manifest)
-        return updated
-    updated.model.extra = _text_extra(cfg, manifest)
     _check_sample_shape(cfg, manifest)
+    updated.data.streams = _resolve_streams(cfg, manifest)
     return updated
 
 
