@@ -36,8 +36,9 @@ RUN pip install -c constraints.txt ".[all]" \
 
 # ------------------------------------------------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE} AS runtime
-# python3 (the venv's interpreter), tini (PID 1: forwards SIGTERM to the job and reaps orphans), and a C compiler +
-# Python headers because Triton builds its small launcher modules with them when torch.compile first runs.
+# python3 (the venv's interpreter), tini (PID 1: forwards SIGTERM to the job, e.g. the k8s_env supervisor that
+# passes it to the ranks, and reaps orphans), and a C compiler + Python headers because Triton builds its small
+# launcher modules with them when torch.compile first runs.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       python3 tini gcc libc6-dev python3-dev ca-certificates \

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deepflow.platform.train.k8s_env import hostfile_text, launcher_command, pod_topology
+from deepflow.platform.train.pod_topology import hostfile_text, launcher_command, pod_topology
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,8 +73,16 @@ def test_launcher_commands_and_hostfile() -> None:
     assert "--num_nodes=4" in deepspeed and "--num_gpus=8" in deepspeed
     lines = hostfile_text(topology).splitlines()
     assert lines == [f"deepflow-xl3t-{i}.deepflow-xl3t.ml.svc.cluster.local slots=8" for i in range(4)]
+    python = launcher_command(topology, "python", ["jobs/train.py", "--config", "c.yaml"], "/tmp/h")
+    assert python == [sys.executable, "jobs/train.py", "--config", "c.yaml"]  # one rank's; started 8 times
     with pytest.raises(ValueError, match="launcher"):
         launcher_command(topology, "mpirun", [], "/tmp/h")
+
+
+def test_hostfile_without_pod_names_uses_placeholders() -> None:
+    """With MASTER_ADDR given, DeepSpeed's --no_ssh path only needs the hostfile's slots, not resolvable names."""
+    topology = pod_topology({"JOB_COMPLETION_INDEX": "1", "NNODES": "2", "GPUS_PER_NODE": "2", "MASTER_ADDR": "m"})
+    assert hostfile_text(topology) == "node-0 slots=2\nnode-1 slots=2\n"
 
 
 def _manifest_pod_env(index: int, namespace: str) -> dict[str, str]:

@@ -1,28 +1,37 @@
-"""Every manifest in k8s/ validates strictly against a current Kubernetes schema; embedded configs load with the
-project's own loaders; the pieces that must agree (node counts, service/subdomain, config mounts) agree.
+"""Every manifest in k8s/ validates strictly against the Kubernetes schemas of every minor version from 1.31 to 1.37;
+embedded configs load with the project's own loaders; the pieces that must agree (node counts, service/subdomain,
+config mounts, exit statuses and failure policies) agree.
 
-The Kubeflow PyTorchJob is a custom resource that the core schemas do not know: its structure is checked here
-and its pod template is validated as a core ``PodTemplate``.
+The Kubeflow PyTorchJob and the JobSet are custom resources that the core schemas do not know: the PyTorchJob's
+structure is checked here and its pod template validated as a core ``PodTemplate``; the JobSet is validated against
+the OpenAPI schema of the JobSet CRD (vendored, trimmed: ``jobset-v1alpha2.schema.json``) and each of its Job
+templates as a batch/v1 Job.
 """
 from __future__ import annotations
 
 import copy
 import json
+import re
 import shlex
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from kubernetes_validate.utils import all_versions
 
 from deepflow.data_pipeline.config import load_config as load_precompute_config
 from deepflow.platform.train.config import load_config as load_run_config
+from deepflow.platform.train.pod_supervisor import PREEMPTED_EXIT_CODE
 
-K8S_VERSION = "1.37.0"
+K8S_VERSION = "1.37.0"  # the newest; every manifest is also checked against each of K8S_VERSIONS
+K8S_VERSIONS = [f"1.{minor}.0" for minor in range(31, 38)]
 K8S_DIR = Path(__file__).resolve().parents[2] / "k8s"
 MANIFESTS = sorted(K8S_DIR.glob("*.yaml"))
 CORE_KINDS = {"ConfigMap", "Service", "Job", "Deployment"}
+JOBSET_SCHEMA = Path(__file__).resolve().parent / "jobset-v1alpha2.schema.json"
 
 
 def _docs(path: Path) -> list[dict[str, Any]]:
@@ -37,6 +46,8 @@ def _by_kind(path: Path, kind: str) -> dict[str, Any]:
 def _pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
     if doc["kind"] == "PyTorchJob":
         return [spec["template"] for spec in doc["spec"]["pytorchReplicaSpecs"].values()]
+    if doc["kind"] == "JobSet":
+        return [rjob["template"]["spec"]["template"] for rjob in doc["spec"]["replicatedJobs"]]
     if doc["kind"] in ("Job", "Deployment"):
         return [doc["spec"]["template"]]
     return []
@@ -44,23 +55,61 @@ def _pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def test_the_expected_manifests_exist() -> None:
     names = {path.name for path in MANIFESTS}
-    assert {"train-xl3t.yaml", "train-xl3t-pytorchjob.yaml", "precompute.yaml", "eval.yaml",
+    assert {"train-xl3t.yaml", "train-xl3t-jobset.yaml", "train-xl3t-pytorchjob.yaml", "precompute.yaml", "eval.yaml",
             "tensorboard.yaml"} <= names
 
 
+def test_the_installed_validator_knows_every_checked_version() -> None:
+    known = set(all_versions())
+    assert set(K8S_VERSIONS) <= known, sorted(set(K8S_VERSIONS) - known)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_manifest_validates_strictly(path: Path) -> None:
+def test_manifest_validates_strictly(path: Path, version: str) -> None:
     docs = _docs(path)
     assert docs
     for doc in docs:
         if doc["kind"] == "PyTorchJob":
-            _check_pytorchjob(doc)
-            continue
-        assert doc["kind"] in CORE_KINDS, doc["kind"]
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+            _check_pytorchjob(doc, version)
+        elif doc["kind"] == "JobSet":
+            _check_jobset(doc, version)
+        else:
+            assert doc["kind"] in CORE_KINDS, doc["kind"]
+            kubernetes_validate.validate(doc, version, strict=True)
 
 
-def _check_pytorchjob(doc: dict[str, Any]) -> None:
+def _strict(schema: Any) -> Any:
+    """``schema`` with unknown fields refused (``additionalProperties: false``) wherever it lists properties and
+    does not keep unknown fields, as the API server's strict field validation does for a structural schema."""
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _strict(value) for key, value in schema.items()}
+    keeps_unknown = out.get("x-kubernetes-preserve-unknown-fields", False)
+    if "properties" in out and "additionalProperties" not in out and not keeps_unknown:
+        out["additionalProperties"] = False
+    return out
+
+
+def _jobset_validator() -> jsonschema.protocols.Validator:
+    schema = _strict(json.loads(JOBSET_SCHEMA.read_text()))
+    return jsonschema.Draft7Validator(schema)
+
+
+def _check_jobset(doc: dict[str, Any], version: str = K8S_VERSION) -> None:
+    """The JobSet against the CRD's schema; each replicated Job's template as a batch/v1 Job of ``version``."""
+    assert doc["apiVersion"] == "jobset.x-k8s.io/v1alpha2"
+    errors = sorted(_jobset_validator().iter_errors(doc), key=lambda e: list(e.absolute_path))
+    assert not errors, [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
+    for rjob in doc["spec"]["replicatedJobs"]:
+        metadata = {"name": f"{doc['metadata']['name']}-{rjob['name']}-0", **rjob["template"].get("metadata", {})}
+        job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": rjob["template"]["spec"]}
+        kubernetes_validate.validate(job, version, strict=True)
+
+
+def _check_pytorchjob(doc: dict[str, Any], version: str = K8S_VERSION) -> None:
     assert doc["apiVersion"] == "kubeflow.org/v1"
     spec = doc["spec"]
     assert set(spec) <= {"pytorchReplicaSpecs", "runPolicy", "nprocPerNode", "elasticPolicy"}
@@ -75,7 +124,7 @@ def _check_pytorchjob(doc: dict[str, Any]) -> None:
         assert "pytorch" in [c["name"] for c in containers], "the operator needs a container named 'pytorch'"
         pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"},
                         "template": replica["template"]}
-        kubernetes_validate.validate(pod_template, K8S_VERSION, strict=True)
+        kubernetes_validate.validate(pod_template, version, strict=True)
     assert set(spec["runPolicy"]) <= {"cleanPodPolicy", "backoffLimit", "activeDeadlineSeconds",
                                       "ttlSecondsAfterFinished", "schedulingPolicy", "suspend", "managedBy"}
 
@@ -110,7 +159,7 @@ def _write_configmap_files(path: Path, tmp_path: Path) -> dict[str, Path]:
     return files
 
 
-@pytest.mark.parametrize("name", ["train-xl3t.yaml", "train-xl3t-pytorchjob.yaml"])
+@pytest.mark.parametrize("name", ["train-xl3t.yaml", "train-xl3t-jobset.yaml", "train-xl3t-pytorchjob.yaml"])
 def test_embedded_run_config_loads_with_the_project_loader(name: str, tmp_path: Path) -> None:
     files = _write_configmap_files(K8S_DIR / name, tmp_path)
     config = load_run_config(files["run.yaml"])
@@ -118,9 +167,9 @@ def test_embedded_run_config_loads_with_the_project_loader(name: str, tmp_path: 
     assert config.checkpoint.resume is True  # a recreated pod continues from the newest checkpoint
     assert config.data.url.startswith("s3://") and config.run.output_dir.startswith("s3://")
     assert config.eval.extractor == "inception"
-    if name == "train-xl3t.yaml":
-        job = _by_kind(K8S_DIR / name, "Job")
-        env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    if name in ("train-xl3t.yaml", "train-xl3t-jobset.yaml"):
+        (template,) = _pod_templates(_by_kind(K8S_DIR / name, "Job" if name == "train-xl3t.yaml" else "JobSet"))
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
         world = int(env["NNODES"]) * int(env["GPUS_PER_NODE"])
     else:
         job = _by_kind(K8S_DIR / name, "PyTorchJob")
@@ -154,6 +203,15 @@ def test_train_job_pieces_agree() -> None:
     (fail_rule,) = [r for r in spec["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
     assert fail_rule["onExitCodes"]["containerName"] == container["name"]
     assert set(fail_rule["onExitCodes"]["values"]) == {2, 3}  # jobs/train.py: invalid config, non-finite loss
+    # a preempted pod (exit 75 from k8s_env) and a disrupted one are ignored: recreated, not counted, index not done
+    command = container["command"]
+    preempted = int(command[command.index("--preempted-exit-code") + 1])
+    assert preempted == PREEMPTED_EXIT_CODE == 75
+    ignored = [r for r in spec["podFailurePolicy"]["rules"] if r["action"] == "Ignore"]
+    assert [r["onExitCodes"] for r in ignored if "onExitCodes" in r] == [
+        {"containerName": container["name"], "operator": "In", "values": [preempted]}]
+    assert [r["onPodConditions"] for r in ignored if "onPodConditions" in r] == [
+        [{"type": "DisruptionTarget", "status": "True"}]]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -164,6 +222,128 @@ def test_train_job_pieces_agree() -> None:
     assert config_path == f"{mounts['config']}/run.yaml" and "run.yaml" in configmap["data"]
     assert command[:7] == ["tini", "--", "python", "-m", "deepflow.platform.train.k8s_env", "--launcher", "deepspeed"]
     assert {"secretRef": {"name": "deepflow-object-store"}} in container["envFrom"]
+
+
+def _jobset_parts() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    jobset = _by_kind(K8S_DIR / "train-xl3t-jobset.yaml", "JobSet")
+    (rjob,) = jobset["spec"]["replicatedJobs"]
+    job_spec = rjob["template"]["spec"]
+    return jobset, rjob, job_spec, job_spec["template"]["spec"]["containers"][0]
+
+
+def _pod_failure_message(rule_index: int, exit_code: int | None = None) -> str:
+    """The Job's failure message when podFailurePolicy rule ``rule_index`` (FailJob) fired, as the Kubernetes Job
+    controller writes it (pkg/controller/job/pod_failure_policy.go)."""
+    if exit_code is None:
+        return f"Pod ml/p-0 has condition DisruptionTarget matching FailJob rule at index {rule_index}"
+    return (f"Container train for pod ml/p-0 failed with exit code {exit_code} matching FailJob rule at index "
+            f"{rule_index}")
+
+
+def _jobset_action(jobset: dict[str, Any], reason: str, message: str) -> str:
+    """The JobSet failurePolicy's action for a failed child Job (first matching rule; default RestartJobSet)."""
+    for rule in jobset["spec"]["failurePolicy"]["rules"]:
+        reasons, patterns = rule.get("onJobFailureReasons", []), rule.get("onJobFailureMessagePatterns", [])
+        if (not reasons or reason in reasons) and (not patterns or any(re.search(p, message) for p in patterns)):
+            return rule["action"]
+    return "RestartJobSet"
+
+
+def test_jobset_runs_the_indexed_job_pods_and_restarts_the_group() -> None:
+    jobset, rjob, job_spec, container = _jobset_parts()
+    indexed = _by_kind(K8S_DIR / "train-xl3t.yaml", "Job")
+    indexed_container = indexed["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == indexed_container["command"]
+    assert container["resources"] == indexed_container["resources"]
+    env = {e["name"]: e for e in container["env"]}
+    # one replica of an Indexed Job: JOB_COMPLETION_INDEX is the node rank
+    assert rjob["replicas"] == 1 and job_spec["completionMode"] == "Indexed"
+    assert int(env["NNODES"]["value"]) == job_spec["completions"] == job_spec["parallelism"]
+    assert int(env["GPUS_PER_NODE"]["value"]) == container["resources"]["limits"]["nvidia.com/gpu"]
+    # the network: JobSet's headless Service is the subdomain; the coordinator (pod 0) is the master
+    network = jobset["spec"]["network"]
+    assert network["enableDNSHostnames"] is True and network["subdomain"] == env["HEADLESS_SERVICE"]["value"]
+    assert jobset["spec"]["coordinator"] == {"replicatedJob": rjob["name"], "jobIndex": 0, "podIndex": 0}
+    assert env["MASTER_ADDR"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['jobset.sigs.k8s.io/coordinator']")
+    # the config: the same run as the Indexed Job, from this manifest's own ConfigMap
+    configmap = _by_kind(K8S_DIR / "train-xl3t-jobset.yaml", "ConfigMap")
+    assert configmap["data"]["run.yaml"] == _by_kind(K8S_DIR / "train-xl3t.yaml", "ConfigMap")["data"]["run.yaml"]
+    volumes = {v["name"]: v for v in job_spec["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == configmap["metadata"]["name"]
+    assert {"secretRef": {"name": "deepflow-object-store"}} in container["envFrom"]
+    # every pod failure fails the Job: the JobSet decides
+    assert job_spec["backoffLimit"] == 0 and job_spec["template"]["spec"]["restartPolicy"] == "Never"
+    assert jobset["spec"]["failurePolicy"]["maxRestarts"] > 0
+
+
+@pytest.mark.parametrize(
+    ("rule_index", "exit_code", "action"),
+    [
+        (0, 2, "FailJobSet"),  # invalid config / pod environment
+        (0, 3, "FailJobSet"),  # non-finite loss
+        (1, PREEMPTED_EXIT_CODE, "RestartJobSetAndIgnoreMaxRestarts"),  # preempted, checkpoint committed
+        (2, None, "RestartJobSetAndIgnoreMaxRestarts"),  # DisruptionTarget
+    ],
+)
+def test_jobset_failure_policy_by_pod_failure_rule(rule_index: int, exit_code: int | None, action: str) -> None:
+    jobset, _, job_spec, container = _jobset_parts()
+    rules = job_spec["podFailurePolicy"]["rules"]
+    rule = rules[rule_index]
+    assert rule["action"] == "FailJob"
+    if exit_code is None:
+        assert rule["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+    else:
+        assert rule["onExitCodes"]["containerName"] == container["name"] and exit_code in rule["onExitCodes"]["values"]
+        assert all(exit_code not in r.get("onExitCodes", {}).get("values", []) for r in rules[:rule_index])
+    assert _jobset_action(jobset, "PodFailurePolicy", _pod_failure_message(rule_index, exit_code)) == action
+
+
+def test_jobset_counts_other_failures_against_max_restarts() -> None:
+    jobset, *_ = _jobset_parts()
+    message = "Job has reached the specified backoff limit"
+    assert _jobset_action(jobset, "BackoffLimitExceeded", message) == "RestartJobSet"
+    names = [rule["name"] for rule in jobset["spec"]["failurePolicy"]["rules"]]
+    assert len(set(names)) == len(names)
+    assert all(re.fullmatch(r"[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?", name) for name in names)  # the CRD's rule
+
+
+def test_jobset_pod_environment_maps_to_the_coordinator_as_master() -> None:
+    """What JobSet gives pod i: the Job <jobset>-<replicatedJob>-0, its index, the coordinator annotation; the
+    hostname <job>-<i>.<subdomain> (the CRD's network.enableDNSHostnames description)."""
+    from deepflow.platform.train.pod_topology import hostfile_text, pod_topology
+
+    jobset, rjob, job_spec, container = _jobset_parts()
+    name, subdomain = jobset["metadata"]["name"], jobset["spec"]["network"]["subdomain"]
+    job_name = f"{name}-{rjob['name']}-0"
+    resolved = {
+        "metadata.annotations['jobset.sigs.k8s.io/coordinator']": f"{job_name}-0.{subdomain}",
+        "metadata.labels['batch.kubernetes.io/job-name']": job_name,
+        "metadata.namespace": "research",
+    }
+    env = {"JOB_COMPLETION_INDEX": "2"}
+    for item in container["env"]:
+        env[item["name"]] = item["value"] if "value" in item else resolved[item["valueFrom"]["fieldRef"]["fieldPath"]]
+    topology = pod_topology(env)
+    assert (topology.node_rank, topology.world_size) == (2, job_spec["completions"] * 8)
+    assert topology.master_addr == "deepflow-xl3t-js-node-0-0.deepflow-xl3t-js"
+    assert hostfile_text(topology).splitlines()[3] == (
+        "deepflow-xl3t-js-node-0-3.deepflow-xl3t-js.research.svc.cluster.local slots=8")
+
+
+def test_jobset_strict_schema_rejects_a_misspelled_field() -> None:
+    jobset = copy.deepcopy(_by_kind(K8S_DIR / "train-xl3t-jobset.yaml", "JobSet"))
+    jobset["spec"]["failurePolicy"]["maxRestart"] = 3  # typo of "maxRestarts"
+    with pytest.raises(AssertionError, match="maxRestart"):
+        _check_jobset(jobset)
+    jobset = copy.deepcopy(_by_kind(K8S_DIR / "train-xl3t-jobset.yaml", "JobSet"))
+    jobset["spec"]["failurePolicy"]["rules"][0]["action"] = "FailJobset"  # not in the CRD's enum
+    with pytest.raises(AssertionError, match="FailJobset"):
+        _check_jobset(jobset)
+    jobset = copy.deepcopy(_by_kind(K8S_DIR / "train-xl3t-jobset.yaml", "JobSet"))
+    jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]["resource"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _check_jobset(jobset)
 
 
 def test_eval_job_samples_then_evaluates_the_same_batch() -> None:

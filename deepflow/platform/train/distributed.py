@@ -71,6 +71,12 @@ def init_distributed(
 
     backend "auto" -> nccl on CUDA, gloo on CPU. A single process (world size 1) gets no process group unless
     ``require_group`` (FSDP2 and DeepSpeed need one): then a local 1-rank group over an in-memory store.
+
+    Timeouts, so that a lost peer fails this rank (and its pod, which the Job then restarts) instead of hanging:
+    ``rendezvous_timeout_s`` bounds the start-up wait for the other ranks (the TCPStore rendezvous);
+    ``collective_timeout_s`` bounds every collective (and store wait) afterwards. gloo raises on a collective
+    that times out or on a peer whose connection closed; for NCCL, ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` defaults
+    to 1 (as under torchrun) so that the watchdog aborts a timed-out collective and ends the process.
     """
     env = read_dist_env(local_rank_arg)
     device = _pick_device(env.local_rank)
@@ -88,16 +94,26 @@ def init_distributed(
         return DistContext(0, 1, env.local_rank, device, chosen)
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    if chosen == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if not dist.is_initialized():
         dist.init_process_group(
             backend=chosen,
-            init_method="env://",
+            store=_rendezvous(env.rank, env.world_size, rendezvous_timeout_s, collective_timeout_s),
             rank=env.rank,
             world_size=env.world_size,
             timeout=timedelta(seconds=collective_timeout_s),
             device_id=device if device.type == "cuda" else None,
         )
     return DistContext(env.rank, env.world_size, env.local_rank, device, chosen)
+
+
+def _rendezvous(rank: int, world_size: int, rendezvous_timeout_s: float, collective_timeout_s: float) -> dist.Store:
+    """The ``env://`` store (MASTER_ADDR/MASTER_PORT; torchrun's agent store when it serves one), waiting at most
+    ``rendezvous_timeout_s`` for the others; afterwards its waits are bounded by ``collective_timeout_s``."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timedelta(seconds=rendezvous_timeout_s)))
+    store.set_timeout(timedelta(seconds=collective_timeout_s))
+    return store
 
 
 def shutdown_distributed(ctx: DistContext) -> None:

@@ -10,6 +10,10 @@ size, classes, captions) before any process group starts; a mistake prints one l
 changed model shape, engine, ZeRO stage, global batch size, gradient accumulation or precision is refused the same
 way; other changes are applied with one warning line. A run stopped by non-finite losses exits with status 3.
 SIGTERM saves a checkpoint and exits 0; rerunning resumes from the newest one.
+
+Under the Kubernetes supervisor (``deepflow.platform.train.k8s_env``, which sets ``$DEEPFLOW_STATUS_DIR``) every
+rank also reports how it ended (running / completed / preempted at step N / failed with status S), from which the
+supervisor decides the pod's exit status.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import sys
 
 from deepflow.errors import USER_ERRORS, JobArgumentParser, UserError, describe, report_user_errors
 from deepflow.platform.train.config import ConfigError, RunConfig, load_config, resolve_model_for_dataset
+from deepflow.platform.train.rank_status import RankStatusFile
 
 __all__ = ["build_parser", "check_dataset", "main", "parse_args"]
 
@@ -54,7 +59,7 @@ def check_dataset(cfg: RunConfig) -> RunConfig:
     return resolve_model_for_dataset(cfg, manifest)
 
 
-def _train(argv: list[str] | None) -> int:
+def _train(argv: list[str] | None, report: RankStatusFile | None = None) -> int:
     args = parse_args(argv)
     cfg = check_dataset(load_config(args.config, args.overrides))
     if "DS_ACCELERATOR" not in os.environ:
@@ -69,14 +74,39 @@ def _train(argv: list[str] | None) -> int:
     except NonFiniteLossError as error:
         print(f"training stopped: {error}", file=sys.stderr)
         return 3
+    if report is not None:
+        report.write(result.status, step=result.final_step)
     print(f"training {result.status} at step {result.final_step}", flush=True)
     return 0
+
+
+def _exit_status_of(error: BaseException) -> int:
+    """The status the process will end with for an exception leaving ``main`` (cli.run_job's conventions)."""
+    if isinstance(error, SystemExit):
+        return error.code if isinstance(error.code, int) else (0 if error.code is None else 1)
+    if isinstance(error, ImportError):
+        return 2  # a missing optional package
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done (or preempted and checkpointed), 2 a user mistake (one ``error:`` line), 3 stopped by
     non-finite losses."""
-    return report_user_errors(lambda: _train(argv))
+    report = RankStatusFile.from_environ()
+    if report is not None:
+        report.write("running")
+    try:
+        code = report_user_errors(lambda: _train(argv, report))
+    except BaseException as error:
+        if report is not None:
+            status = _exit_status_of(error)
+            report.write("failed" if status else "completed", exit_code=status)  # sys.exit(0): --help
+        raise
+    if code != 0 and report is not None:
+        report.write("failed", exit_code=code)
+    return code
 
 
 if __name__ == "__main__":

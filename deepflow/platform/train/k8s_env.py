@@ -1,173 +1,84 @@
-"""Map a Kubernetes pod's environment to a multi-node launch: node rank, world size, master address.
-
-In an Indexed Job (``completionMode: Indexed``) every pod gets ``JOB_COMPLETION_INDEX`` (0..N-1) and the stable
-hostname ``<job-name>-<index>``; with ``subdomain: <headless service>`` it resolves as
-``<job-name>-<index>.<service>.<namespace>.svc.cluster.local``. So:
-
-    node_rank   = JOB_COMPLETION_INDEX
-    num_nodes   = NNODES                      (= the Job's completions / parallelism)
-    nproc       = GPUS_PER_NODE               (default: the visible CUDA devices, at least 1)
-    world_size  = num_nodes * nproc;  rank of local process l = node_rank * nproc + l
-    master_addr = MASTER_ADDR if set, else <JOB_NAME>-0.<HEADLESS_SERVICE>[.<POD_NAMESPACE>.svc.<CLUSTER_DOMAIN>]
-    master_port = MASTER_PORT (default 29500)
-
-A Kubeflow PyTorchJob sets the torchrun variables itself (PET_NODE_RANK, PET_NNODES, PET_NPROC_PER_NODE,
-PET_MASTER_ADDR, PET_MASTER_PORT); they are read when JOB_COMPLETION_INDEX is absent.
-
-``python -m deepflow.platform.train.k8s_env --launcher torchrun|deepspeed -- jobs/train.py --config run.yaml`` prints the
-topology and execs the launcher (DeepSpeed gets ``--no_ssh`` and a hostfile naming every pod).
+"""``python -m deepflow.platform.train.k8s_env --launcher deepspeed|torchrun|python -- jobs/train.py --config
+run.yaml``: the entrypoint of a training pod (under tini, PID 1). It reads the pod's place in the job from its
+environment (:mod:`deepflow.platform.train.pod_topology`), writes DeepSpeed's hostfile, and runs the pod's ranks
+under :class:`deepflow.platform.train.pod_supervisor.Supervisor`, which forwards a preemption to the ranks, stops
+them when one fails and decides the pod's exit status (0 done, 75 preempted with a committed checkpoint, the failed
+rank's status otherwise).
 """
 from __future__ import annotations
 
 import argparse
-import os
+import shutil
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
 
-DEFAULT_MASTER_PORT = 29500
+from deepflow.errors import JobArgumentParser, report_user_errors
+from deepflow.platform.train.pod_supervisor import PREEMPTED_EXIT_CODE, Supervisor, log
+from deepflow.platform.train.pod_topology import LAUNCHERS, K8sEnvError, hostfile_text, launcher_command, pod_topology
+from deepflow.platform.train.rank_status import STATUS_DIR_ENV
 
-
-@dataclass(frozen=True)
-class PodTopology:
-    """Where this pod sits in a multi-node job."""
-
-    node_rank: int
-    num_nodes: int
-    nproc_per_node: int
-    master_addr: str
-    master_port: int
-    job_name: str | None = None
-    service: str | None = None
-    namespace: str | None = None
-
-    @property
-    def world_size(self) -> int:
-        return self.num_nodes * self.nproc_per_node
-
-    def global_rank(self, local_rank: int) -> int:
-        if not 0 <= local_rank < self.nproc_per_node:
-            raise ValueError(f"local rank {local_rank} outside [0, {self.nproc_per_node})")
-        return self.node_rank * self.nproc_per_node + local_rank
-
-    def pod_hostname(self, index: int) -> str:
-        """Stable DNS name of pod ``index`` of the Indexed Job (needs JOB_NAME and HEADLESS_SERVICE)."""
-        if not self.job_name or not self.service:
-            raise ValueError("pod DNS names need JOB_NAME and HEADLESS_SERVICE in the environment")
-        return _pod_dns(self.job_name, index, self.service, self.namespace)
+__all__ = ["build_parser", "main"]
 
 
-def _pod_dns(job_name: str, index: int, service: str, namespace: str | None, domain: str = "cluster.local") -> str:
-    host = f"{job_name}-{index}.{service}"
-    return f"{host}.{namespace}.svc.{domain}" if namespace else host
-
-
-def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        if default is None:
-            raise ValueError(f"environment variable {name} is required")
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
-
-
-def _visible_gpus() -> int:
-    try:
-        import torch
-
-        return max(1, torch.cuda.device_count())
-    except Exception:  # noqa: BLE001 - no torch / no driver: one process per pod
-        return 1
-
-
-def pod_topology(env: Mapping[str, str] | None = None) -> PodTopology:
-    """Read the pod's environment (default ``os.environ``); see the module doc for the mapping."""
-    env = os.environ if env is None else env
-    port = _int(env, "MASTER_PORT", DEFAULT_MASTER_PORT)
-    if env.get("JOB_COMPLETION_INDEX", "") != "":
-        node_rank = _int(env, "JOB_COMPLETION_INDEX")
-        num_nodes = _int(env, "NNODES")
-        nproc = _int(env, "GPUS_PER_NODE", 0) or _visible_gpus()
-        job_name, service = env.get("JOB_NAME") or None, env.get("HEADLESS_SERVICE") or None
-        namespace = env.get("POD_NAMESPACE") or None
-        master = env.get("MASTER_ADDR") or ""
-        if not master:
-            if not job_name or not service:
-                raise ValueError(
-                    "set MASTER_ADDR, or JOB_NAME and HEADLESS_SERVICE (the Indexed Job's name and the headless "
-                    "Service named in the pod's subdomain) so that pod 0's DNS name can be built"
-                )
-            master = _pod_dns(job_name, 0, service, namespace, env.get("CLUSTER_DOMAIN") or "cluster.local")
-        topology = PodTopology(node_rank, num_nodes, nproc, master, port, job_name, service, namespace)
-    elif env.get("PET_NODE_RANK", "") != "":  # Kubeflow PyTorchJob
-        nproc_raw = env.get("PET_NPROC_PER_NODE", "")
-        nproc = int(nproc_raw) if nproc_raw.isdigit() else _visible_gpus()
-        topology = PodTopology(
-            _int(env, "PET_NODE_RANK"), _int(env, "PET_NNODES"), nproc,
-            env.get("PET_MASTER_ADDR") or env.get("MASTER_ADDR") or "",
-            _int(env, "PET_MASTER_PORT", port),
-        )
-        if not topology.master_addr:
-            raise ValueError("PET_MASTER_ADDR (or MASTER_ADDR) is required in a PyTorchJob pod")
-    else:
-        raise ValueError(
-            "not in a multi-node pod: neither JOB_COMPLETION_INDEX (Indexed Job) nor PET_NODE_RANK (PyTorchJob) is set"
-        )
-    if topology.num_nodes < 1 or not 0 <= topology.node_rank < topology.num_nodes:
-        raise ValueError(f"node rank {topology.node_rank} is outside [0, NNODES={topology.num_nodes})")
-    if topology.nproc_per_node < 1:
-        raise ValueError(f"GPUS_PER_NODE must be >= 1, got {topology.nproc_per_node}")
-    return topology
-
-
-def hostfile_text(topology: PodTopology) -> str:
-    """DeepSpeed hostfile: one ``<pod dns> slots=<gpus>`` line per pod (``--no_ssh`` still needs the pool)."""
-    return "".join(f"{topology.pod_hostname(i)} slots={topology.nproc_per_node}\n" for i in range(topology.num_nodes))
-
-
-def launcher_command(topology: PodTopology, launcher: str, script_and_args: list[str], hostfile: str) -> list[str]:
-    """The command that starts ``nproc_per_node`` processes on this pod."""
-    if launcher == "torchrun":
-        return [
-            "torchrun", f"--nnodes={topology.num_nodes}", f"--node-rank={topology.node_rank}",
-            f"--nproc-per-node={topology.nproc_per_node}", f"--master-addr={topology.master_addr}",
-            f"--master-port={topology.master_port}", *script_and_args,
-        ]
-    if launcher == "deepspeed":
-        return [
-            "deepspeed", "--no_ssh", f"--hostfile={hostfile}", f"--node_rank={topology.node_rank}",
-            f"--num_nodes={topology.num_nodes}", f"--num_gpus={topology.nproc_per_node}",
-            f"--master_addr={topology.master_addr}", f"--master_port={topology.master_port}", *script_and_args,
-        ]
-    raise ValueError(f"launcher must be 'torchrun' or 'deepspeed', got {launcher!r}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Launch one pod's share of a multi-node job.")
-    parser.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
+def build_parser() -> argparse.ArgumentParser:
+    parser = JobArgumentParser(
+        prog="python -m deepflow.platform.train.k8s_env",
+        description="Launch and supervise one pod's share of a multi-node job (see the module doc).",
+    )
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="torchrun")
     parser.add_argument("--hostfile", default="/tmp/deepflow-hostfile", help="where to write DeepSpeed's hostfile")
+    parser.add_argument("--preempted-exit-code", type=int, default=PREEMPTED_EXIT_CODE,
+                        help="the pod's exit status when every rank stopped for a preemption with a committed "
+                        "checkpoint (default %(default)s, EX_TEMPFAIL; the podFailurePolicy must ignore it)")
+    parser.add_argument("--status-dir", default=None,
+                        help=f"the ranks' report folder (${STATUS_DIR_ENV}); default: a fresh one under $TMPDIR")
+    parser.add_argument("--launcher-grace-s", type=float, default=30.0,
+                        help="how long the launcher may linger after every rank ended before it is killed")
     parser.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     parser.add_argument("script", nargs=argparse.REMAINDER, help="-- script.py [args...]")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    args = build_parser().parse_args(argv)
     script = args.script[1:] if args.script[:1] == ["--"] else args.script
     if not script:
-        parser.error("give the training script after --")
+        raise K8sEnvError("script: give the training script after -- (e.g. -- jobs/train.py --config run.yaml)")
+    if not 1 <= args.preempted_exit_code <= 255 or args.preempted_exit_code in (2, 3):
+        raise K8sEnvError(f"--preempted-exit-code: must be in 1..255 and not 2 or 3, got {args.preempted_exit_code}")
+    return args, script
+
+
+def _supervise(argv: Sequence[str] | None) -> int:
+    args, script = _parse(argv)
     topology = pod_topology()
-    print(
-        f"[k8s_env] node {topology.node_rank}/{topology.num_nodes} x {topology.nproc_per_node} procs, "
-        f"world {topology.world_size}, master {topology.master_addr}:{topology.master_port}",
-        flush=True,
-    )
+    log(f"node {topology.node_rank}/{topology.num_nodes} x {topology.nproc_per_node} procs, "
+         f"world {topology.world_size}, master {topology.master_addr}:{topology.master_port}, "
+         f"launcher {args.launcher}")
     if args.launcher == "deepspeed":
-        with open(args.hostfile, "w") as handle:
-            handle.write(hostfile_text(topology))
+        Path(args.hostfile).write_text(hostfile_text(topology))
     command = launcher_command(topology, args.launcher, script, args.hostfile)
-    print("[k8s_env] " + " ".join(command), flush=True)
-    if not args.dry_run:
-        os.execvp(command[0], command)
+    log(" ".join(command))
+    if args.dry_run:
+        return 0
+    status_dir = args.status_dir or tempfile.mkdtemp(prefix="deepflow-status-")
+    Path(status_dir).mkdir(parents=True, exist_ok=True)
+    for stale in Path(status_dir).glob("local-rank-*.json"):
+        stale.unlink()
+    try:
+        supervisor = Supervisor(args.launcher, command, topology, status_dir, args.preempted_exit_code,
+                                args.launcher_grace_s)
+        return supervisor.run()
+    finally:
+        if args.status_dir is None:
+            shutil.rmtree(status_dir, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: the pod's (see the module doc); 2 for a bad flag or pod environment (one ``error:`` line)."""
+    return report_user_errors(lambda: _supervise(argv))
 
 
 if __name__ == "__main__":
