@@ -3,8 +3,10 @@ alignment (a tiny random DINOv2) and periodic evaluation (sample grid + Frechet 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,7 +15,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train_support import (  # noqa: E402
+    REPO,
+    _env,
     base_overrides,
+    launch_command,
     losses_by_step,
     make_digits_dataset,
     read_scalars,
@@ -84,6 +89,29 @@ def test_sigterm_saves_a_committed_checkpoint(launcher: str, digits_url: str, tm
         assert proc.returncode == 0  # (torchrun's own agent reports a signal death even when workers exit 0)
     else:
         assert "exitcode" not in output  # no worker failed
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up_is_kept_and_ends_in_a_committed_checkpoint(digits_url: str, tmp_path: Path) -> None:
+    """A preemption that arrives while the job is still importing torch and building the model (right after
+    jobs/train.py reported "running") is not fatal: the run stops after its first step with a checkpoint."""
+    config = write_config(tmp_path / "run.yaml", base_overrides(digits_url, str(tmp_path), steps=10_000))
+    status = tmp_path / "status"
+    status.mkdir()
+    proc = subprocess.Popen(launch_command(config, [], launcher="python"), cwd=REPO,
+                            env={**_env(), "DEEPFLOW_STATUS_DIR": str(status)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    report = status / "local-rank-0.json"
+    deadline = time.monotonic() + 60
+    while not report.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, output[-3000:]
+    committed = [p.name for p in (tmp_path / "checkpoints").iterdir() if (p / "COMMIT").exists()]
+    assert committed == ["step-0000001"], output[-3000:]
+    assert "training preempted at step 1" in output and "Traceback" not in output
+    assert json.loads(report.read_text())["status"] == "preempted"
 
 
 @pytest.mark.slow

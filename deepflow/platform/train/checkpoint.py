@@ -35,7 +35,6 @@ import logging
 import os
 import random
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -67,7 +66,6 @@ from deepflow.storage import Storage, set_default_mode
 
 __all__ = [
     "CheckpointManager",
-    "PreemptionHandler",
     "capture_rng_state",
     "restore_rng_state",
 ]
@@ -105,29 +103,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "torch_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([_unb64(s) for s in state["torch_cuda"]])
-
-
-# ---------------------------------------------------------------------------------------------- signals
-class PreemptionHandler:
-    """SIGTERM (Kubernetes preemption) sets a flag; the loop finishes its step, saves and exits 0."""
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
-        self.requested = False
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
-        for signum in signals:
-            try:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread
-                pass
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
 
 
 # ------------------------------------------------------------------------------------------------- files

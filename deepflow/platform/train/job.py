@@ -24,6 +24,7 @@ import sys
 
 from deepflow.errors import USER_ERRORS, JobArgumentParser, UserError, describe, report_user_errors
 from deepflow.platform.train.config import ConfigError, RunConfig, load_config, resolve_model_for_dataset
+from deepflow.platform.train.preemption import PreemptionHandler
 from deepflow.platform.train.rank_status import RankStatusFile
 
 __all__ = ["build_parser", "check_dataset", "main", "parse_args"]
@@ -59,7 +60,7 @@ def check_dataset(cfg: RunConfig) -> RunConfig:
     return resolve_model_for_dataset(cfg, manifest)
 
 
-def _train(argv: list[str] | None, report: RankStatusFile | None = None) -> int:
+def _train(argv: list[str] | None, preempt: PreemptionHandler, report: RankStatusFile | None = None) -> int:
     args = parse_args(argv)
     cfg = check_dataset(load_config(args.config, args.overrides))
     if "DS_ACCELERATOR" not in os.environ:
@@ -70,7 +71,7 @@ def _train(argv: list[str] | None, report: RankStatusFile | None = None) -> int:
     from deepflow.platform.train.trainer import NonFiniteLossError, train
 
     try:
-        result = train(cfg, local_rank_arg=args.local_rank)
+        result = train(cfg, local_rank_arg=args.local_rank, preempt=preempt)
     except NonFiniteLossError as error:
         print(f"training stopped: {error}", file=sys.stderr)
         return 3
@@ -94,16 +95,19 @@ def _exit_status_of(error: BaseException) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done (or preempted and checkpointed), 2 a user mistake (one ``error:`` line), 3 stopped by
     non-finite losses."""
+    preempt = PreemptionHandler()  # first: a SIGTERM during the slow start-up is kept, not fatal
     report = RankStatusFile.from_environ()
     if report is not None:
         report.write("running")
     try:
-        code = report_user_errors(lambda: _train(argv, report))
+        code = report_user_errors(lambda: _train(argv, preempt, report))
     except BaseException as error:
         if report is not None:
             status = _exit_status_of(error)
             report.write("failed" if status else "completed", exit_code=status)  # sys.exit(0): --help
         raise
+    finally:
+        preempt.restore()
     if code != 0 and report is not None:
         report.write("failed", exit_code=code)
     return code

@@ -35,7 +35,6 @@ from deepflow.models.conditions import condition_from_batch
 from deepflow.models.flow import FlowDraws, gap_sign
 from deepflow.platform.train.checkpoint import (
     CheckpointManager,
-    PreemptionHandler,
     capture_rng_state,
     restore_rng_state,
 )
@@ -55,6 +54,7 @@ from deepflow.platform.train.distributed import (
     step_generator,
 )
 from deepflow.platform.train.ema import ShardedEMA
+from deepflow.platform.train.preemption import PreemptionHandler
 from deepflow.platform.train.summary import startup_summary
 from deepflow.platform.train.engines import Engine, build_engine, engine_class
 from deepflow.platform.train.tb_logging import TrainLogger, branch_layout, console_logger, peak_tflops_for
@@ -254,9 +254,9 @@ class Trainer:
             fields = ", ".join(str(change) for change in refused)
             raise ConfigError(
                 f"{fields}: cannot change when resuming from {url} (the model's shape, distributed.engine, "
-                "distributed.zero_stage, data.global_batch_size, schedule.grad_accumulation and precision are "
-                "data.streams, data.shuffle_buffer and run.seed are fixed by the checkpoint); restore the checkpoint's values or start a new run (another "
-                "run.output_dir or checkpoint.url)"
+                "distributed.zero_stage, data.global_batch_size, data.streams, data.shuffle_buffer, run.seed, "
+                "schedule.grad_accumulation and precision are fixed by the checkpoint); restore the checkpoint's "
+                "values or start a new run (another run.output_dir or checkpoint.url)"
             )
         if changes and self.ctx.is_main:
             self.log.warning(f"warning: resuming from {url} with changed settings (applied): "
@@ -351,7 +351,8 @@ class Trainer:
             self.ema.update(self.engine.named_local_params(), self.step)
         return sums, grad_norm, stop, data_wait
 
-    def run(self) -> TrainResult:
+    def run(self, preempt: PreemptionHandler) -> TrainResult:
+        """Train to ``schedule.total_steps`` (or until ``preempt`` reports SIGTERM: a checkpoint, then return)."""
         cfg = self.cfg
         self.resume()
         if self.ctx.is_main:
@@ -361,7 +362,6 @@ class Trainer:
             save_config(cfg, join_url(cfg.run.output_dir, "config.yaml"), cfg.output_storage_options())
             self.logger.set_layout(branch_layout(self.num_branches, cfg.model.ssl_align))
             self.logger.text("config", "```\n" + self.config_yaml + "\n```")
-        preempt = PreemptionHandler()
         result = TrainResult(final_step=self.step, status="completed")
         data_iter = iter(self.loader)
         window = {"start": time.perf_counter(), "steps": 0, "wait": 0.0, "sums": {}, "count": 0}
@@ -413,7 +413,6 @@ class Trainer:
                 if cfg.checkpoint.export_ema:
                     self.export()
         finally:
-            preempt.restore()
             self.logger.close()
             self.loader.close()
         result.final_step = self.step
@@ -493,8 +492,20 @@ class Trainer:
             self.log.info(f"exported EMA weights to {written}")
 
 
-def train(cfg: RunConfig, local_rank_arg: int | None = None) -> TrainResult:
-    """Full lifecycle on this process: process group, trainer, run, clean shutdown."""
+def train(cfg: RunConfig, local_rank_arg: int | None = None, preempt: PreemptionHandler | None = None,
+          ) -> TrainResult:
+    """Full lifecycle on this process: process group, trainer, run, clean shutdown. SIGTERM is caught from the
+    start (``preempt``, installed by the caller, or here): a preemption during start-up stops the run after its
+    first step, with a checkpoint."""
+    handler = preempt or PreemptionHandler()
+    try:
+        return _train(cfg, local_rank_arg, handler)
+    finally:
+        if preempt is None:
+            handler.restore()
+
+
+def _train(cfg: RunConfig, local_rank_arg: int | None, preempt: PreemptionHandler) -> TrainResult:
     require_group = engine_class(cfg.distributed.engine).requires_process_group
     ctx = init_distributed(
         cfg.distributed.backend, local_rank_arg, require_group=require_group,
@@ -505,7 +516,7 @@ def train(cfg: RunConfig, local_rank_arg: int | None = None) -> TrainResult:
         cfg.per_rank_batch_size(ctx.world_size)  # fail early with the field path
         seed_everything(cfg.run.seed, ctx.rank)
         trainer = Trainer(cfg, ctx)
-        result = trainer.run()
+        result = trainer.run(preempt)
     except ConfigError:
         # every rank found the same mistake (same config, same files): leave without a collective
         if ctx.distributed:
