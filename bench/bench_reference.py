@@ -12,7 +12,8 @@ forwards are checked to agree before timing).
 - train: one optimizer step, batch 16: the reference's ``DFLoss`` + backward + grad clip + AdamW, against the
   platform's step (``FlowObjective`` + the ddp engine's backward and step: clip, AdamW) eager and with
   ``distributed.compile`` (compile build time reported separately, amortised over the stated number of steps);
-- sample: the reference's SDE sampler (``deepflow_euler_maruyama_sampler``, cfg 1.5, 50 steps, batch 8) against
+- sample: the reference's generate path (its ``generate.py`` batch doubling around its SDE sampler
+  ``deepflow_euler_maruyama_sampler``; cfg 1.5, 20 steps, batch 4) against
   :func:`deepflow.platform.inference.generate.sample_latents` (the path of ``deepflow sample`` and periodic eval)
   eager and with ``SamplerConfig.compile``.
 
@@ -37,7 +38,7 @@ from deepflow.models.convert import load_reference_state_dict  # noqa: E402
 from deepflow.models.flow import FlowObjective  # noqa: E402
 
 DEPTH, KEY_LAYERS, LATENT, CHANNELS, CLASSES = 4, [2], 16, 4, 1000
-TRAIN_BATCH, SAMPLE_BATCH, SAMPLE_STEPS, CFG = 16, 8, 50, 1.5
+TRAIN_BATCH, SAMPLE_BATCH, SAMPLE_STEPS, CFG = 16, 4, 20, 1.5
 
 
 def import_reference(repo: Path) -> dict[str, Any]:
@@ -59,7 +60,7 @@ def build_pair(ref: dict[str, Any]) -> tuple[torch.nn.Module, torch.nn.Module]:
     reference = ref["DeepFlow"](
         path_type="linear", input_size=LATENT, patch_size=2, in_channels=CHANNELS, hidden_size=768,
         decoder_hidden_size=768, depth=DEPTH, num_heads=12, num_classes=CLASSES, df_idxs=KEY_LAYERS,
-        legacy_scaling=True, fused_attn=True,
+        legacy_scaling=True, fused_attn=True, qk_norm=False,
     )
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -110,7 +111,7 @@ def reference_train_step(ref: dict[str, Any], model: torch.nn.Module) -> Callabl
     model.train()
 
     def step() -> None:
-        loss, acc_loss, _ = loss_fn(model, x, {"y": y})
+        loss, acc_loss, _ = loss_fn(model, x, {"y": y}, zs=[])
         total = loss.mean() + acc_loss.mean()
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -181,7 +182,11 @@ def bench_sample(ref: dict[str, Any], repeats: int) -> dict[str, float]:
     y = torch.randint(0, CLASSES, (SAMPLE_BATCH,))
 
     def reference_sample() -> torch.Tensor:
-        return ref["sampler"](reference, noise, y, num_steps=SAMPLE_STEPS, cfg_scale=CFG, path_type="linear")
+        """What the reference's generate.py does with cfg > 1: it doubles the batch ([z; z], [y; null]) before its
+        sampler doubles it again, then keeps the first half of the result."""
+        z2, y2 = torch.cat([noise, noise]), torch.cat([y, torch.full_like(y, CLASSES)])
+        out = ref["sampler"](reference, z2, y2, num_steps=SAMPLE_STEPS, cfg_scale=CFG, path_type="linear")
+        return out.chunk(2)[0]
 
     for label, compile_model in (("eager", False), ("compiled", True)):
         sampler = SamplerConfig(method="sde", steps=SAMPLE_STEPS, cfg_scale=CFG, compile=compile_model)
