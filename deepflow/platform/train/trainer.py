@@ -309,7 +309,7 @@ class Trainer:
         cfg = self.cfg
         accumulation = cfg.schedule.grad_accumulation
         self.engine.set_lr(self._lr(self.step))
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # on the device: read once, after the step (no sync per micro-step)
         data_wait = 0.0
         nonfinite = stop = False
         for micro in range(accumulation):
@@ -340,16 +340,16 @@ class Trainer:
                 if nonfinite:
                     break
                 self.engine.backward(loss)
-            values = torch.stack([value.detach().float() for value in terms.values()]).tolist()  # one sync
-            for name, value in zip(terms, values):
-                sums[name] = sums.get(name, 0.0) + value / accumulation
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float() / accumulation
         if nonfinite:
             self.engine.skip_step()
             return {}, math.nan, stop, data_wait
-        grad_norm = self.engine.step()
+        grad_norm = self.engine.step()  # (reads the norm: the device has finished the step)
         if self.ema is not None:
             self.ema.update(self.engine.named_local_params(), self.step)
-        return sums, grad_norm, stop, data_wait
+        values = torch.stack(list(sums.values())).tolist()
+        return dict(zip(sums, values)), grad_norm, stop, data_wait
 
     def run(self, preempt: PreemptionHandler) -> TrainResult:
         """Train to ``schedule.total_steps`` (or until ``preempt`` reports SIGTERM: a checkpoint, then return)."""
