@@ -512,9 +512,20 @@ def resolve_model_for_dataset(cfg: RunConfig, manifest: Manifest | None) -> RunC
     return updated
 
 
+#: auto ``data.streams``: the shard counts of the streams may differ by at most this fraction (a stream with fewer
+#: shards cycles through its samples faster, so they would be drawn more often)
+STREAM_IMBALANCE = 0.1
+
+
+def _balanced(shards: int, streams: int) -> bool:
+    """Every stream gets the same number of shards, or the counts differ by at most :data:`STREAM_IMBALANCE`."""
+    return shards % streams == 0 or shards // streams >= round(1 / STREAM_IMBALANCE)
+
+
 def _resolve_streams(cfg: RunConfig, manifest: Manifest) -> int:
     """``data.streams``, or when 0 the largest divisor of the micro-step batch (global batch / accumulation) that
-    the dataset's non-empty shards can feed (so the run resumes on any number of ranks that divides it)."""
+    splits the dataset's non-empty shards evenly (within :data:`STREAM_IMBALANCE`), so that every sample is drawn
+    equally often and the run resumes on any number of ranks that divides it."""
     micro = cfg.micro_batch_size
     shards = sum(1 for shard in manifest.shards if int(shard.num_samples) > 0)
     streams = cfg.data.streams
@@ -526,7 +537,7 @@ def _resolve_streams(cfg: RunConfig, manifest: Manifest) -> int:
             raise ConfigError(f"data.streams: {streams} streams need as many non-empty shards, but data.url="
                               f"{cfg.data.url} has {shards}; use fewer streams or precompute smaller shards")
         return streams
-    return max(n for n in range(1, micro + 1) if micro % n == 0 and n <= max(shards, 1))
+    return max(n for n in range(1, micro + 1) if micro % n == 0 and n <= max(shards, 1) and _balanced(shards, n))
 
 
 def _dataset_words(cfg: RunConfig, manifest: Manifest) -> str:

@@ -84,8 +84,11 @@ def test_streams_are_resolved_from_the_batch_and_the_shards_and_must_split_over_
                         shards=[ShardEntry(name=f"s{i}.tar", num_samples=10) for i in range(shards)])
 
     base = ["data.global_batch_size=48", "schedule.grad_accumulation=2"]  # 24 samples per micro-step
-    assert resolve_model_for_dataset(load_config(None, base), manifest(100)).data.streams == 24
-    assert resolve_model_for_dataset(load_config(None, base), manifest(10)).data.streams == 8  # <= 10 shards
+    assert resolve_model_for_dataset(load_config(None, base), manifest(240)).data.streams == 24  # 10 shards each
+    # 100 shards: 24 or 12 streams would get 4 or 5 (8 or 9) shards, drawing some samples 25% (12%) more often
+    assert resolve_model_for_dataset(load_config(None, base), manifest(100)).data.streams == 8  # 12 or 13 shards
+    assert resolve_model_for_dataset(load_config(None, base), manifest(12)).data.streams == 12
+    assert resolve_model_for_dataset(load_config(None, base), manifest(10)).data.streams == 2  # 5 shards each
     cfg = resolve_model_for_dataset(load_config(None, base + ["data.streams=6"]), manifest(10))
     assert cfg.data.streams == 6 and cfg.per_rank_batch_size(3) == 8
     with pytest.raises(ConfigError, match=r"data.streams: the run's 6 sample streams cannot be split evenly over 4 "
