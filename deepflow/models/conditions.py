@@ -26,6 +26,7 @@ __all__ = [
     "concat_conditions",
     "where_condition",
     "drop_conditions",
+    "nullify_rows",
     "condition_to",
     "slice_condition",
     "condition_from_batch",
@@ -141,7 +142,12 @@ def drop_conditions(
     b = condition_batch_size(cond)
     device = cond["text_emb"].device if is_text_condition(cond) else cond.device
     drop = torch.rand((b,), generator=generator, device=generator.device).to(device) < prob
-    return where_condition(drop, null_condition_batch(null, b, cond), cond), drop
+    return nullify_rows(cond, drop, null), drop
+
+
+def nullify_rows(cond: Condition, mask: torch.Tensor, null: NullCondition) -> Condition:
+    """``cond`` with the rows where ``mask`` [B] bool is True replaced by the null condition."""
+    return where_condition(mask, null_condition_batch(null, condition_batch_size(cond), cond), cond)
 
 
 def condition_to(cond: Condition, device: torch.device | str, dtype: torch.dtype | None = None) -> Condition:

@@ -13,14 +13,7 @@ from typing import Callable, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from deepflow.models.conditions import (
-    Condition,
-    NullCondition,
-    condition_batch_size,
-    is_text_condition,
-    null_condition_batch,
-    where_condition,
-)
+from deepflow.models.conditions import Condition, NullCondition, is_text_condition, nullify_rows
 from deepflow.models.dit import BranchOutputs
 
 __all__ = ["FlowDraws", "FlowObjective", "interpolate", "sample_times", "branch_times", "drop_labels"]
@@ -202,10 +195,7 @@ class FlowObjective:
                     "e.g. ShardLoader.null_text())"
                 )
             null_condition = num_classes
-        y_in = y
-        if draws.drop is not None:
-            b = condition_batch_size(y)
-            y_in = where_condition(draws.drop.to(x0.device), null_condition_batch(null_condition, b, y), y)
+        y_in = y if draws.drop is None else nullify_rows(y, draws.drop.to(x0.device), null_condition)
         x_t1 = interpolate(x0, eps, times[:, 0])
         target = eps - x0
 
