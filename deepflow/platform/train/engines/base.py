@@ -97,8 +97,8 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 def build_adamw(params: Any, settings: OptimizerSettings) -> torch.optim.AdamW:
     """torch AdamW, fused (one pass over each tensor's parameter, gradient and moments instead of about ten) where
-    every parameter lives on a device in :data:`FUSED_ADAMW_DEVICES`, else foreach. On a CPU the fused step is
-    2.5x faster than torch's default loop over tensors (81M parameters; ``bench/bench_reference.py``)."""
+    every parameter lives on a device in :data:`FUSED_ADAMW_DEVICES`, else foreach. On a CPU the fused step takes
+    69 ms where torch's default loop over tensors takes 306 ms (62M parameters, 2 threads; README figures)."""
     params = list(params)
     devices = {p.device.type for group in params for p in (group["params"] if isinstance(group, dict) else [group])}
     fused = bool(devices) and devices <= set(FUSED_ADAMW_DEVICES)
