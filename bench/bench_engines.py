@@ -53,7 +53,7 @@ def _worker(mode: str, overrides: list[str], steps: int, repeats: int, batch: in
     from deepflow.platform.train.distributed import init_distributed, shutdown_distributed, step_generator
     from deepflow.platform.train.ema import ShardedEMA
     from deepflow.platform.train.engines import build_engine
-    from deepflow.platform.train.tb_logging import peak_tflops_for
+    from deepflow.platform.train.tb_logging import peak_memory_gb, peak_tflops_for
 
     cfg = load_config(None, overrides + [f"data.global_batch_size={batch}"])
     ctx = init_distributed(require_group=True)
@@ -100,14 +100,8 @@ def _worker(mode: str, overrides: list[str], steps: int, repeats: int, batch: in
         images_per_s = batch / median
         tflops = images_per_s * flops / ctx.world_size / 1e12
         peak = peak_tflops_for(ctx.device, cfg.precision)
-        if ctx.device.type == "cuda":
-            peak_mem_gb = torch.cuda.max_memory_allocated(ctx.device) / 1e9
-        else:
-            import resource
-
-            peak_mem_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
         result.update({"step_s": median, "images_per_s": images_per_s, "tflops_per_device": tflops,
-                       "mfu": (tflops / peak) if peak else None, "peak_mem_gb": peak_mem_gb})
+                       "mfu": (tflops / peak) if peak else None, "peak_mem_gb": peak_memory_gb(ctx.device)})
     else:
         train_step(0)
         root = tempfile.mkdtemp(prefix="bench-ckpt-") if ctx.is_main else None

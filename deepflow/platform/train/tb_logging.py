@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -29,7 +30,7 @@ import torch
 
 from deepflow.storage import Storage
 
-__all__ = ["TrainLogger", "console_logger", "branch_layout", "peak_tflops_for"]
+__all__ = ["TrainLogger", "console_logger", "branch_layout", "peak_memory_gb", "peak_tflops_for"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,13 @@ def peak_tflops_for(device: torch.device, precision: str) -> float | None:
         if fragment in name:
             return table.get(precision)
     return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process so far, GB: CUDA allocations on a GPU, the resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # ru_maxrss is in KiB on Linux
 
 
 def console_logger(rank: int) -> logging.Logger:

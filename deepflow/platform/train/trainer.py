@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import signal
 import time
 from dataclasses import dataclass, field
@@ -57,7 +56,13 @@ from deepflow.platform.train.ema import ShardedEMA
 from deepflow.platform.train.preemption import PreemptionHandler
 from deepflow.platform.train.summary import startup_summary
 from deepflow.platform.train.engines import Engine, build_engine, engine_class
-from deepflow.platform.train.tb_logging import TrainLogger, branch_layout, console_logger, peak_tflops_for
+from deepflow.platform.train.tb_logging import (
+    TrainLogger,
+    branch_layout,
+    console_logger,
+    peak_memory_gb,
+    peak_tflops_for,
+)
 from deepflow.storage import join_url
 
 if TYPE_CHECKING:
@@ -116,12 +121,6 @@ def _build_loader(cfg: RunConfig, ctx: DistContext) -> ShardLoader:
 def _train_flops_per_image(model: DeepFlowDiT | DeepFlowMMDiT) -> float:
     """FLOPs of one training step per image: 2 FLOPs per MAC x (forward + 2x for backward)."""
     return 6.0 * float(model.flops_per_image(train=True, attention=True))
-
-
-def _peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # ru_maxrss is in KiB on Linux
 
 
 class Trainer:
@@ -449,7 +448,7 @@ class Trainer:
                     "optim/lr": self._lr(self.step),
                     "perf/images_per_s": images_per_s,
                     "perf/tflops": tflops,
-                    "perf/peak_mem_gb": _peak_memory_gb(self.ctx.device),
+                    "perf/peak_mem_gb": peak_memory_gb(self.ctx.device),
                     "perf/data_wait_frac": window["wait"] / elapsed,
                 }
             )
