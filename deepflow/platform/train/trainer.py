@@ -68,7 +68,7 @@ from deepflow.storage import join_url
 if TYPE_CHECKING:
     from deepflow.data_pipeline.loader import ShardLoader
 
-__all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "train"]
+__all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "train", "train_flops_per_image"]
 
 #: the stream id whose generator draws a micro-step's gap sign (real streams are 0 .. data.streams - 1)
 GAP_SIGN_STREAM = 2**31 - 1
@@ -118,7 +118,7 @@ def _build_loader(cfg: RunConfig, ctx: DistContext) -> ShardLoader:
     )
 
 
-def _train_flops_per_image(model: DeepFlowDiT | DeepFlowMMDiT) -> float:
+def train_flops_per_image(model: DeepFlowDiT | DeepFlowMMDiT) -> float:
     """FLOPs of one training step per image: 2 FLOPs per MAC x (forward + 2x for backward)."""
     return 6.0 * float(model.flops_per_image(train=True, attention=True))
 
@@ -143,7 +143,7 @@ class Trainer:
         # checked against the manifest above) or, for class models, the null class num_classes (None here)
         null_text = self.loader.null_text()
         self.null_condition = None if null_text is None else {k: v.to(ctx.device) for k, v in null_text.items()}
-        self.flops_per_image = _train_flops_per_image(model)
+        self.flops_per_image = train_flops_per_image(model)
         from deepflow.models.flow import FlowObjective
 
         self.objective = FlowObjective(

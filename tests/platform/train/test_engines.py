@@ -86,3 +86,38 @@ def test_config_accepts_exactly_the_registered_engines(overrides: list[str], mes
         load_config(None, overrides)
     assert message in str(info.value)
     assert load_config(None, ["distributed.engine=deepspeed", "precision=fp16"]).distributed.engine == "deepspeed"
+
+
+def _clip_case(fused: bool, max_norm: float, grad_fill: float | None = None) -> tuple[list[torch.Tensor], dict]:
+    """Two AdamW steps of a small model on (optionally overwritten) gradients: (parameters, optimizer state)."""
+    from deepflow.platform.train.engines.base import clipped_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused, foreach=None if fused else True)
+    params = list(model.parameters())
+    for step in range(2):
+        model(torch.randn(32, 8) * 10).square().mean().backward()
+        if grad_fill is not None and step == 1:
+            params[0].grad.view(-1)[0] = grad_fill
+        clipped_step(optimizer, params, max_norm)
+        optimizer.zero_grad(set_to_none=True)
+    return [p.detach().clone() for p in params], optimizer.state_dict()
+
+
+@pytest.mark.parametrize("max_norm", [0.05, float("inf")])
+def test_clip_folded_into_the_fused_adamw_matches_clip_then_step(max_norm: float) -> None:
+    """The fused path (clip factor passed as the kernel's grad_scale) = torch's clip then a foreach AdamW step."""
+    fused, fused_state = _clip_case(True, max_norm)
+    plain, plain_state = _clip_case(False, max_norm)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert float(fused_state["state"][0]["step"]) == float(plain_state["state"][0]["step"]) == 2.0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_clipped_step_leaves_everything_as_it_was_when_the_norm_is_not_finite(fused: bool) -> None:
+    one_step, one_state = _clip_case(fused, 1.0, grad_fill=float("nan"))  # step 2 has a NaN gradient
+    assert float(one_state["state"][0]["step"]) == 1.0  # the NaN step did not count
+    assert all(torch.isfinite(p).all() for p in one_step)
+    assert torch.isfinite(one_state["state"][0]["exp_avg"]).all()

@@ -28,11 +28,13 @@ of any world size (resuming on another world size reads those and cuts its own s
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed.tensor
 from torch import nn
 
 from deepflow.models.conditions import Condition
@@ -47,6 +49,7 @@ __all__ = [
     "OptimizerSettings",
     "PRECISION_DTYPES",
     "build_adamw",
+    "clipped_step",
     "join_slices",
     "shard_units",
     "slice_full",
@@ -111,6 +114,33 @@ def build_adamw(params: Any, settings: OptimizerSettings) -> torch.optim.AdamW:
         fused=fused,
         foreach=None if fused else True,
     )
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], max_norm: float) -> float:
+    """One optimizer step on the gradients of ``params`` clipped to a global L2 norm of ``max_norm`` (``math.inf``:
+    no clipping); no update when the norm is not finite. Returns the pre-clip global norm.
+
+    With a fused AdamW on plain tensors the clip costs no pass over the gradients: the clip factor goes into the
+    fused kernel as its ``grad_scale`` (the kernel divides every gradient by it while it reads them) and a non-finite
+    norm as its ``found_inf`` (the kernel then leaves parameters, moments and step counts as they were), so the host
+    waits for the norm only after the update. Otherwise (sharded DTensor parameters, a foreach optimizer) torch's
+    clip multiplies the gradients in place first. Both agree to fp32 rounding (tests/platform/train/test_engines)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if isinstance(norm, torch.distributed.tensor.DTensor) or not optimizer.defaults.get("fused"):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        full_norm = norm.full_tensor() if isinstance(norm, torch.distributed.tensor.DTensor) else norm
+        if math.isfinite(float(full_norm)):
+            optimizer.step()
+        return float(full_norm)
+    norm32 = norm.float()
+    optimizer.grad_scale = (norm32 / max_norm + 1e-6 / max_norm).clamp(min=1.0)  # type: ignore[attr-defined]
+    optimizer.found_inf = (~torch.isfinite(norm32)).float()  # type: ignore[attr-defined]
+    try:
+        optimizer.step()
+    finally:
+        optimizer.grad_scale = optimizer.found_inf = None  # type: ignore[attr-defined]
+    return float(norm)
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:

@@ -21,10 +21,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from deepflow.models.conditions import Condition
 from deepflow.platform.train.distributed import DistContext
-from deepflow.platform.train.engines.base import AsyncSave, Engine, OptimizerSettings, build_adamw
+from deepflow.platform.train.engines.base import AsyncSave, Engine, OptimizerSettings, build_adamw, clipped_step
 from deepflow.storage import set_default_mode
 
-__all__ = ["DDPEngine"]
+__all__ = ["DDPEngine", "MODEL_FILE"]
+
+#: the weights file of a DDP checkpoint (in its engine folder)
+MODEL_FILE = "model.safetensors"
 
 
 def _cpu_copy(value: Any) -> Any:
@@ -41,8 +44,8 @@ def _cpu_copy(value: Any) -> Any:
 def _write_state(state: dict[str, Any], local_dir: str) -> None:
     """``model.safetensors`` + ``optimizer.pt`` (optimizer and grad-scaler state) from a CPU copy of the state."""
     os.makedirs(local_dir, exist_ok=True)
-    save_file(state["model"], os.path.join(local_dir, "model.safetensors"))
-    set_default_mode(os.path.join(local_dir, "model.safetensors"))  # safetensors writes 0600
+    save_file(state["model"], os.path.join(local_dir, MODEL_FILE))
+    set_default_mode(os.path.join(local_dir, MODEL_FILE))  # safetensors writes 0600
     torch.save({"optimizer": state["optimizer"], "scaler": state["scaler"]}, os.path.join(local_dir, "optimizer.pt"))
 
 
@@ -82,13 +85,15 @@ class DDPEngine(Engine):
         self.scaler.scale(loss / self.settings.grad_accumulation).backward()
 
     def step(self) -> float:
-        self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
-        if math.isfinite(grad_norm) or self.scaler.is_enabled():
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
             self.scaler.step(self.optimizer)  # the scaler itself skips non-finite fp16 steps
             self.scaler.update()
+        else:
+            grad_norm = clipped_step(self.optimizer, params, max_norm)
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
@@ -127,7 +132,7 @@ class DDPEngine(Engine):
 
     def load(self, local_dir: str, saved_world_size: int) -> None:
         """Every rank reads rank 0's full files (whatever the world size that wrote them)."""
-        weights = load_file(os.path.join(local_dir, "model.safetensors"), device=str(self.ctx.device))
+        weights = load_file(os.path.join(local_dir, MODEL_FILE), device=str(self.ctx.device))
         self.model.load_state_dict(weights)
         state = torch.load(os.path.join(local_dir, "optimizer.pt"), map_location=self.ctx.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])

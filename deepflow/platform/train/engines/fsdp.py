@@ -32,6 +32,7 @@ from deepflow.platform.train.engines.base import (
     Engine,
     OptimizerSettings,
     build_adamw,
+    clipped_step,
     shard_units,
 )
 
@@ -94,10 +95,7 @@ class FSDPEngine(Engine):
     def step(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-        if math.isfinite(grad_norm):
-            self.optimizer.step()
+        grad_norm = clipped_step(self.optimizer, params, max_norm)
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
