@@ -33,6 +33,9 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "deepflow.platform.train": ("deepflow.storage", "deepflow.errors", "deepflow.artifacts", "deepflow.configuration", "deepflow.models",
                                 "deepflow.data_pipeline", "deepflow.ranks", "deepflow.platform.eval",
                                 "deepflow.platform.inference"),
+    "deepflow.platform.study": ("deepflow.storage", "deepflow.errors", "deepflow.artifacts", "deepflow.configuration",
+                                "deepflow.models", "deepflow.data_pipeline", "deepflow.platform.train",
+                                "deepflow.platform.inference"),
 }
 
 

@@ -67,7 +67,8 @@ class StudyConfig(ConfigSection):
     num_samples: int = Field(1000, ge=2, description="samples per evaluation")
     variants: list[VariantSpec] = Field(min_length=1)
     protocols: list[ProtocolSpec] = Field(min_length=1)
-    parallel: int | Literal["auto"] = Field("auto", description="runs at once; auto: cores / threads_per_run")
+    parallel: int | Literal["auto"] = Field("auto", description="runs at once; auto: GPUs / nproc_per_run on a GPU "
+                                            "machine, else cores / (threads_per_run x nproc_per_run)")
     threads_per_run: int = Field(1, ge=1, description="CPU threads of each run (OMP_NUM_THREADS)")
     nproc_per_run: int = Field(1, ge=1, description="ranks per run (torchrun when > 1); GPUs are split between runs")
     compare: tuple[str, str] | None = Field(None, description="(baseline, method) labels compared in the report; "
@@ -137,9 +138,13 @@ class StudyConfig(ConfigSection):
     def run_dir(self, variant: VariantSpec, seed: int) -> Path:
         return Path(self.output_dir) / "runs" / slug(variant.label) / f"seed-{seed}"
 
-    def parallel_runs(self, cpu_count: int | None = None) -> int:
+    def parallel_runs(self, gpus: int = 0, cpu_count: int | None = None) -> int:
+        """Runs at once: ``parallel``, or auto: one per ``nproc_per_run`` GPUs on a GPU machine, else one per
+        ``threads_per_run x nproc_per_run`` CPU cores."""
         if self.parallel != "auto":
             return self.parallel
+        if gpus:
+            return max(1, gpus // self.nproc_per_run)
         return max(1, (cpu_count or os.cpu_count() or 1) // (self.threads_per_run * self.nproc_per_run))
 
 

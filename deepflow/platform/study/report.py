@@ -50,16 +50,18 @@ class Summary:
 
 
 def verdict(baseline: Summary, method: Summary, metric: str) -> str:
-    """"ahead" / "behind" when mean +- std intervals are disjoint, else "tie" (see the module doc)."""
-    if baseline.n < 2 or method.n < 2:
+    """"ahead" / "behind" when mean +- std intervals are disjoint, else "tie" (see the module doc). A method with
+    one seed is a point against the baseline's interval ("(1 seed)" is added); a baseline with one seed: "n/a"."""
+    if baseline.n < 2 or method.n < 1:
         return "n/a"
     low_b, high_b = baseline.mean - baseline.std, baseline.mean + baseline.std
     low_m, high_m = method.mean - method.std, method.mean + method.std
+    suffix = " (1 seed)" if method.n == 1 else ""
     if high_m < low_b:
-        return "behind" if higher_is_better(metric) else "ahead"
+        return ("behind" if higher_is_better(metric) else "ahead") + suffix
     if low_m > high_b:
-        return "ahead" if higher_is_better(metric) else "behind"
-    return "tie"
+        return ("ahead" if higher_is_better(metric) else "behind") + suffix
+    return "tie" + suffix
 
 
 # -------------------------------------------------------------------------------------------------- collect
@@ -196,10 +198,10 @@ def _curve_table(study: StudyConfig, results: dict[str, Any], metric: str) -> li
 def _final_table(study: StudyConfig, results: dict[str, Any], metrics: list[str]) -> list[str]:
     protocol = study.protocols[0].label
     baseline = study.comparison[0]
-    lines = [f"At the last step (protocol '{protocol}'; reading against {baseline}):", "",
-             "| variant | params | train GFLOPs/step | train s/step | "
+    lines = [f"Every variant at its last step (protocol '{protocol}'; reading against {baseline} at the same step):",
+             "", "| variant | seeds | steps | params | train GFLOPs/step | train s/step | "
              + " | ".join(f"{m} | reading" for m in metrics) + " |",
-             "|---" * (4 + 2 * len(metrics)) + "|"]
+             "|---" * (6 + 2 * len(metrics)) + "|"]
     for variant in study.variants:
         runs = [r for r in results["runs"] if r["variant"] == variant.label]
         if not runs:
@@ -208,12 +210,13 @@ def _final_table(study: StudyConfig, results: dict[str, Any], metrics: list[str]
         cells = []
         for metric in metrics:
             mine = _summaries(results, variant.label, protocol, metric).get(last)
-            base = _summaries(results, baseline, protocol, metric).get(study.steps_of(study.variant(baseline)))
+            base = _summaries(results, baseline, protocol, metric).get(last)
             cells.append(mine[0].text(_digits(metric)) if mine else "-")
             cells.append("-" if not mine or not base or variant.label == baseline else verdict(base[0], mine[0], metric))
         seconds = [r["seconds_per_step"] for r in runs if not math.isnan(r["seconds_per_step"])]
         per_step = f"{statistics.fmean(seconds):.3f}" if seconds else "-"
-        lines.append(f"| {variant.label} | {runs[0]['params'] / 1e6:.2f}M | {runs[0]['train_flops_per_step'] / 1e9:.0f} "
+        lines.append(f"| {variant.label} | {len(runs)} | {last} | {runs[0]['params'] / 1e6:.2f}M "
+                     f"| {runs[0]['train_flops_per_step'] / 1e9:.0f} "
                      f"| {per_step} | " + " | ".join(cells) + " |")
     return lines
 

@@ -177,7 +177,7 @@ class StudyRunner:
 
     def run(self) -> list[RunTask]:
         """Run every task; returns them with their status. Raises KeyboardInterrupt after stopping the children."""
-        parallel = min(self.study.parallel_runs(), len(self.tasks))
+        parallel = min(self.study.parallel_runs(gpus=len(_visible_gpus())), len(self.tasks))
         for slot in range(parallel):
             self._slots.put(slot)
         self.print(f"study {self.study.name}: {len(self.tasks)} runs, {parallel} at a time, "

@@ -45,6 +45,9 @@ def test_plan_points_protocols_and_run_overrides(tmp_path: Path) -> None:
     overrides = run_overrides(study, ablation, 0)
     assert "checkpoint.every=10" in overrides and f"run.output_dir={tmp_path / 'out/runs/ablation/seed-0'}" in overrides
     assert study.comparison == ("SiT", "DeepFlow-2T")
+    assert study.parallel_runs(cpu_count=8) == 8 and study.parallel_runs(gpus=4, cpu_count=8) == 4
+    study.nproc_per_run = 2
+    assert study.parallel_runs(gpus=4) == 2 and study.parallel_runs(cpu_count=8) == 4
 
 
 @pytest.mark.parametrize(("changes", "message"), [
@@ -79,7 +82,9 @@ def test_summary_and_the_tie_rule() -> None:
     assert verdict(a, b, "fd_classifier") == "ahead"  # lower FD, intervals disjoint
     assert verdict(a, b, "class_accuracy") == "behind"
     assert verdict(a, Summary([9.0, 11.0, 13.0]), "fd_classifier") == "tie"  # overlapping intervals
-    assert verdict(Summary([1.0]), b, "fd_classifier") == "n/a"  # one seed: no interval
+    assert verdict(Summary([1.0]), b, "fd_classifier") == "n/a"  # a one-seed baseline has no interval
+    assert verdict(a, Summary([9.0]), "fd_classifier") == "ahead (1 seed)"  # a point below the baseline's interval
+    assert verdict(a, Summary([11.0]), "fd_classifier") == "tie (1 seed)"
 
 
 def test_seconds_per_step_is_the_median_window_and_counts_a_resumed_step_once(tmp_path: Path) -> None:
