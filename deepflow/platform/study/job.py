@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dotted override of the study config, value parsed as YAML (repeatable)")
     parser.add_argument("--report-only", action="store_true", help="only (re)write the report from existing runs")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands, run nothing")
+    parser.add_argument("--variants", nargs="+", metavar="LABEL", default=None,
+                        help="run only these variants (e.g. a second process on other machines' cores); the report "
+                        "still covers every run that exists")
     parser.add_argument("--evaluate-run", metavar="LABEL", help=argparse.SUPPRESS)  # one run's evaluation
     parser.add_argument("--evaluate-seed", type=int, default=0, help=argparse.SUPPRESS)
     return parser
@@ -61,7 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             evaluate_run(study, study.variant(args.evaluate_run), args.evaluate_seed, device)
             return 0
-        runner = StudyRunner(study, args.config, args.overrides, print_line=lambda line: print(line, flush=True))
+        unknown = [label for label in args.variants or [] if label not in configs]
+        if unknown:
+            raise ValueError(f"--variants: {', '.join(map(repr, unknown))} not in {args.config} "
+                             f"(variants: {', '.join(map(repr, configs))})")
+        runner = StudyRunner(study, args.config, args.overrides, print_line=lambda line: print(line, flush=True),
+                             only=args.variants)
         if args.dry_run:
             for task in runner.tasks:
                 state = "trained" if runner.trained(task) else "to train"

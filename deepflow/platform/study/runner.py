@@ -75,12 +75,12 @@ class StudyRunner:
     """Schedules the runs of a study (see the module doc)."""
 
     def __init__(self, study: StudyConfig, study_path: str, overrides: list[str],
-                 print_line: Callable[[str], None] = print) -> None:
+                 print_line: Callable[[str], None] = print, only: list[str] | None = None) -> None:
         self.study = study
         self.study_path = study_path
         self.overrides = overrides
         self.print = print_line
-        self.tasks = plan_tasks(study)
+        self.tasks = [t for t in plan_tasks(study) if only is None or t.variant.label in only]
         self.stopping = threading.Event()
         self._children: set[subprocess.Popen[bytes]] = set()
         self._lock = threading.Lock()

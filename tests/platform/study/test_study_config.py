@@ -74,6 +74,10 @@ def test_dry_run_lists_every_run_with_its_command(tmp_path: Path, capsys: pytest
     assert len(lines) == 3 + 3 + 1  # SiT and DeepFlow-2T x 3 seeds, the ablation x 1
     assert lines[0].startswith("SiT seed 0 (to train): ") and "--set run.seed=0" in lines[0]
     assert lines[1].startswith("DeepFlow-2T seed 0") and lines[-1].startswith("ablation seed 0")
+    assert main(["--config", str(_study(tmp_path)), "--dry-run", "--variants", "ablation"]) == 0
+    assert [line.split(" (")[0] for line in capsys.readouterr().out.splitlines()] == ["ablation seed 0"]
+    assert main(["--config", str(_study(tmp_path)), "--dry-run", "--variants", "SIT"]) == 2
+    assert "--variants: 'SIT' not in" in capsys.readouterr().err
 
 
 def test_summary_and_the_tie_rule() -> None:
