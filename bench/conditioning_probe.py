@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """How much does each branch use the class label? A diagnostic for the runs of a ``deepflow study``.
 
-    python bench/conditioning_probe.py --study-dir runs/study-fmnist [--variants SiT DeepFlow-2T] [--samples 2000]
+    python bench/conditioning_probe.py --study-dir runs/study-fmnist [--variants SiT DeepFlow-2T] [--step 2000]
 
-For every run of the named variants, the EMA weights of its last checkpoint predict the velocity of held-out
+For every run of the named variants, the EMA weights of its checkpoint at ``--step`` predict the velocity of held-out
 Fashion-MNIST test images (never trained on) noised to fixed times t, once with the true class label and once with
 the null label. The conditioning gain of branch i is the drop of its velocity error that the label brings,
 ``mse_i(null) - mse_i(label)``, here also as a share of ``mse_i(null)``; it is measured per time band (high t = more
@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from deepflow.artifacts import load_weights  # noqa: E402
+from deepflow.artifacts import COMMIT_NAME, load_weights, step_dir_name  # noqa: E402
 from deepflow.models import create_model  # noqa: E402
 from deepflow.models.flow import branch_times, interpolate  # noqa: E402
 from deepflow.platform.eval.quality_data import load_labelled_split  # noqa: E402
@@ -41,11 +41,11 @@ def held_out(samples: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def branch_gains(run_dir: Path, x: torch.Tensor, y: torch.Tensor) -> dict[str, list[float]]:
-    """{band: [relative gain of branch 0, branch 1, ...]} of the run's last checkpoint."""
-    cfg = load_config(run_dir / "config.yaml")
+def branch_gains(step_dir: Path, x: torch.Tensor, y: torch.Tensor) -> dict[str, list[float]]:
+    """{band: [relative gain of branch 0, branch 1, ...]} of the EMA weights of one committed checkpoint."""
+    cfg = load_config(step_dir / "config.yaml")
     model = create_model(cfg.model.name, **cfg.model.create_kwargs()).eval()
-    weights, _ = load_weights(str(run_dir / "checkpoints"))
+    weights, _ = load_weights(str(step_dir))
     model.load_state_dict(weights)
     null = torch.full_like(y, model.num_classes)
     out: dict[str, list[float]] = {}
@@ -68,7 +68,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study-dir", type=Path, default=ROOT / "runs" / "study-fmnist")
     parser.add_argument("--variants", nargs="+", default=["SiT", "DeepFlow-2T"])
-    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--step", type=int, default=2000, help="the checkpoint step of every run")
+    parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -79,10 +80,13 @@ def main() -> int:
         if not runs:
             raise SystemExit(f"error: --variants: no runs of {variant!r} under {args.study_dir / 'runs'}")
         for run_dir in runs:
+            step_dir = run_dir / "checkpoints" / step_dir_name(args.step)
+            if not (step_dir / COMMIT_NAME).is_file():
+                print(f"{variant} {run_dir.name}: no committed step {args.step} yet, left out", flush=True)
+                continue
             if x is None:
-                size = load_config(run_dir / "config.yaml").model.input_size
-                x, y = held_out(args.samples, size)
-            gains = branch_gains(run_dir, x, y)
+                x, y = held_out(args.samples, load_config(step_dir / "config.yaml").model.input_size)
+            gains = branch_gains(step_dir, x, y)
             for band, values in gains.items():
                 results.setdefault(variant, {}).setdefault(band, []).append(values)
             print(f"{variant} {run_dir.name}: " + "; ".join(
