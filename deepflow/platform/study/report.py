@@ -195,6 +195,48 @@ def _curve_table(study: StudyConfig, results: dict[str, Any], metric: str) -> li
     return lines
 
 
+def _interpolated(points: list[tuple[float, float]], x: float) -> float | None:
+    """Linear interpolation of sorted (x, y) points at ``x``; None outside their range (no extrapolation)."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[0][1] if points and points[0][0] == x else None
+
+
+def _per_seed_curves(results: dict[str, Any], variant: str, protocol: str, metric: str
+                     ) -> dict[int, list[tuple[float, float]]]:
+    """seed -> sorted (training FLOPs, value) of one variant."""
+    curves: dict[int, list[tuple[float, float]]] = {}
+    for run in results["runs"]:
+        if run["variant"] == variant:
+            curves[run["seed"]] = sorted((r["train_flops"], r["metrics"][metric]) for r in run["evaluations"]
+                                         if r["protocol"] == protocol and metric in r["metrics"])
+    return curves
+
+
+def _flop_table(study: StudyConfig, results: dict[str, Any], metric: str) -> list[str]:
+    """Both curve variants at equal training FLOPs: the baseline's evaluation points, the method's value at the same
+    FLOPs interpolated linearly between its own points (per seed, then mean +- std)."""
+    baseline, method = study.comparison
+    protocol = study.protocols[0].label
+    base_curves = _per_seed_curves(results, baseline, protocol, metric)
+    method_curves = _per_seed_curves(results, method, protocol, metric)
+    budgets = sorted({flops for curve in base_curves.values() for flops, _ in curve})
+    if not budgets or not method_curves:
+        return []
+    lines = [f"**{metric}** at equal training compute (protocol '{protocol}'; {method} interpolated between its "
+             "evaluation points, per seed):", "",
+             f"| train TFLOPs | {baseline} | {method} | reading |", "|---|---|---|---|"]
+    for budget in budgets:
+        base = Summary([v for curve in base_curves.values() for f, v in curve if f == budget])
+        values = [_interpolated(curve, budget) for curve in method_curves.values()]
+        mine = Summary([v for v in values if v is not None])
+        reading = verdict(base, mine, metric) if mine.n else "-"
+        lines.append(f"| {budget / 1e12:.1f} | {base.text(_digits(metric))} | {mine.text(_digits(metric))} | "
+                     f"{reading} |")
+    return lines
+
+
 def _final_table(study: StudyConfig, results: dict[str, Any], metrics: list[str]) -> list[str]:
     protocol = study.protocols[0].label
     baseline = study.comparison[0]
@@ -285,6 +327,7 @@ def write_report(study: StudyConfig, results: dict[str, Any], out: Path) -> Path
     lines = [f"# Study {study.name}", "", _setup_line(study, results), ""]
     for metric in metrics:
         lines += _curve_table(study, results, metric) + [""]
+        lines += _flop_table(study, results, metric) + [""]
         plot(study, results, metric, out / f"{slug(metric)}.png")
         lines += [f"![{metric}]({slug(metric)}.png)", ""]
     lines += _final_table(study, results, metrics) + [""]

@@ -101,3 +101,12 @@ def test_seconds_per_step_is_the_median_window_and_counts_a_resumed_step_once(tm
     (board / "scalars.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     assert _seconds_per_step(tmp_path, batch=32) == 1.0  # median of 1, 2, 1, 0.5 s
     assert math.isnan(_seconds_per_step(tmp_path / "missing", batch=32))
+
+
+def test_equal_compute_interpolates_between_evaluation_points() -> None:
+    from deepflow.platform.study.report import _interpolated
+
+    points = [(10.0, 100.0), (20.0, 50.0), (30.0, 40.0)]
+    assert _interpolated(points, 15.0) == 75.0 and _interpolated(points, 30.0) == 40.0
+    assert _interpolated(points, 10.0) == 100.0
+    assert _interpolated(points, 5.0) is None and _interpolated(points, 31.0) is None  # never extrapolated
