@@ -195,11 +195,17 @@ def _curve_table(study: StudyConfig, results: dict[str, Any], metric: str) -> li
     return lines
 
 
-def _interpolated(points: list[tuple[float, float]], x: float) -> float | None:
-    """Linear interpolation of sorted (x, y) points at ``x``; None outside their range (no extrapolation)."""
+def _interpolated(points: list[tuple[float, float]], x: float, log_y: bool = False) -> float | None:
+    """Interpolation of sorted (x, y) points (x > 0) at ``x``, linear in log x (and in log y with ``log_y``: FD-like
+    metrics fall roughly as a power of the compute); None outside their range (never extrapolated)."""
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+            if x1 == x0:
+                return y0
+            w = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            if log_y and y0 > 0 and y1 > 0:
+                return math.exp(math.log(y0) + (math.log(y1) - math.log(y0)) * w)
+            return y0 + (y1 - y0) * w
     return points[0][1] if points and points[0][0] == x else None
 
 
@@ -216,7 +222,7 @@ def _per_seed_curves(results: dict[str, Any], variant: str, protocol: str, metri
 
 def _flop_table(study: StudyConfig, results: dict[str, Any], metric: str) -> list[str]:
     """Both curve variants at equal training FLOPs: the baseline's evaluation points, the method's value at the same
-    FLOPs interpolated linearly between its own points (per seed, then mean +- std)."""
+    FLOPs interpolated between its own points (per seed, then mean +- std; see :func:`_interpolated`)."""
     baseline, method = study.comparison
     protocol = study.protocols[0].label
     base_curves = _per_seed_curves(results, baseline, protocol, metric)
@@ -225,11 +231,12 @@ def _flop_table(study: StudyConfig, results: dict[str, Any], metric: str) -> lis
     if not budgets or not method_curves:
         return []
     lines = [f"**{metric}** at equal training compute (protocol '{protocol}'; {method} interpolated between its "
-             "evaluation points, per seed):", "",
+             "evaluation points, per seed, linearly in log FLOPs" + ("" if higher_is_better(metric) else
+                                                                     " and log " + metric) + "):", "",
              f"| train TFLOPs | {baseline} | {method} | reading |", "|---|---|---|---|"]
     for budget in budgets:
         base = Summary([v for curve in base_curves.values() for f, v in curve if f == budget])
-        values = [_interpolated(curve, budget) for curve in method_curves.values()]
+        values = [_interpolated(curve, budget, log_y=not higher_is_better(metric)) for curve in method_curves.values()]
         mine = Summary([v for v in values if v is not None])
         reading = verdict(base, mine, metric) if mine.n else "-"
         lines.append(f"| {budget / 1e12:.1f} | {base.text(_digits(metric))} | {mine.text(_digits(metric))} | "

@@ -106,7 +106,8 @@ def test_seconds_per_step_is_the_median_window_and_counts_a_resumed_step_once(tm
 def test_equal_compute_interpolates_between_evaluation_points() -> None:
     from deepflow.platform.study.report import _interpolated
 
-    points = [(10.0, 100.0), (20.0, 50.0), (30.0, 40.0)]
-    assert _interpolated(points, 15.0) == 75.0 and _interpolated(points, 30.0) == 40.0
-    assert _interpolated(points, 10.0) == 100.0
-    assert _interpolated(points, 5.0) is None and _interpolated(points, 31.0) is None  # never extrapolated
+    points = [(10.0, 100.0), (40.0, 25.0), (80.0, 20.0)]
+    assert _interpolated(points, 20.0) == pytest.approx(62.5)  # halfway in log x
+    assert _interpolated(points, 20.0, log_y=True) == pytest.approx(50.0)  # a power law through both points
+    assert _interpolated(points, 10.0) == 100.0 and _interpolated(points, 80.0) == 20.0
+    assert _interpolated(points, 5.0) is None and _interpolated(points, 81.0) is None  # never extrapolated
