@@ -3,7 +3,8 @@ evaluate their checkpoints (protocols). See ``configs/study/fmnist-convergence.y
 
 Every run is ``deepflow train`` of the base config plus, in this order: the study's ``overrides``, the variant's
 ``set`` and the fields the study owns (``run.output_dir``, ``run.seed``, ``schedule.total_steps``,
-``checkpoint.every``/``keep_last``, ``eval.every=0``: the study evaluates, not the trainer). Seeds pair the runs:
+``checkpoint.every``/``keep_last``, the checkpoint and TensorBoard folders inside the run folder, ``eval.every=0``:
+the study evaluates, not the trainer). Seeds pair the runs:
 variants trained with the same seed see the same data order and the same evaluation noise.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ __all__ = ["ProtocolSpec", "StudyConfig", "VariantSpec", "ensure_datasets", "loa
 
 #: run-config fields the study sets itself (a variant or override that sets them is an error)
 STUDY_FIELDS = ("run.output_dir", "run.seed", "schedule.total_steps", "checkpoint.every", "checkpoint.keep_last",
-                "checkpoint.url", "eval.every")
+                "checkpoint.url", "logging.tensorboard_dir", "eval.every")
 
 
 def slug(label: str) -> str:
@@ -138,6 +139,14 @@ class StudyConfig(ConfigSection):
     def run_dir(self, variant: VariantSpec, seed: int) -> Path:
         return Path(self.output_dir) / "runs" / slug(variant.label) / f"seed-{seed}"
 
+    @staticmethod
+    def checkpoints_dir(run_dir: Path) -> Path:
+        return run_dir / "checkpoints"
+
+    @staticmethod
+    def tensorboard_dir(run_dir: Path) -> Path:
+        return run_dir / "tensorboard"
+
     def parallel_runs(self, gpus: int = 0, cpu_count: int | None = None) -> int:
         """Runs at once: ``parallel``, or auto: one per ``nproc_per_run`` GPUs on a GPU machine, else one per
         ``threads_per_run x nproc_per_run`` CPU cores."""
@@ -159,7 +168,8 @@ def run_overrides(study: StudyConfig, variant: VariantSpec, seed: int) -> list[s
         f"schedule.total_steps={study.steps_of(variant)}",
         f"checkpoint.every={study.eval_every if variant.curve else study.steps_of(variant)}",
         f"checkpoint.keep_last={len(points) + 1}",
-        "checkpoint.url=null",
+        f"checkpoint.url={study.checkpoints_dir(run_dir)}",
+        f"logging.tensorboard_dir={study.tensorboard_dir(run_dir)}",
         "eval.every=0",
     ]
     return [*study.overrides, *variant.set, *owned]

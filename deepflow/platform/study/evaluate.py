@@ -11,8 +11,6 @@ rebuilds the model.
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,40 +18,41 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from deepflow.artifacts import COMMIT_NAME, ENGINE_DIR, ema_file_name, step_dir_name
+from deepflow.artifacts import COMMIT_NAME, ENGINE_DIR, load_weights, step_dir_name
 from deepflow.platform.study.config import ProtocolSpec, StudyConfig, VariantSpec, slug
 from deepflow.platform.train.config import RunConfig
 from deepflow.platform.train.distributed import DistContext
 from deepflow.platform.train.engines.ddp import MODEL_FILE
+from deepflow.storage import Storage
 
-__all__ = ["EVALUATIONS_FILE", "evaluate_run", "read_evaluations", "step_folder"]
+__all__ = ["EVALUATIONS_FILE", "committed", "evaluate_run", "pending", "read_evaluations", "step_folder"]
 
 EVALUATIONS_FILE = "evaluations.json"
 
 
 def step_folder(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / step_dir_name(step)
+    return StudyConfig.checkpoints_dir(run_dir) / step_dir_name(step)
+
+
+def committed(run_dir: Path, step: int) -> bool:
+    return (step_folder(run_dir, step) / COMMIT_NAME).is_file()
 
 
 def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
     """The records ``{"step", "protocol", "metrics": {name: value}, "seconds"}`` written so far."""
-    path = run_dir / EVALUATIONS_FILE
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
-def _write_atomically(path: Path, records: list[dict[str, Any]]) -> None:
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(records, indent=1))
-    os.replace(partial, path)
+    storage = Storage(str(run_dir))
+    return storage.read_json(EVALUATIONS_FILE) if storage.exists(EVALUATIONS_FILE) else []
 
 
 def _weights(folder: Path, which: str) -> dict[str, torch.Tensor]:
-    """EMA weights (the checkpoint's full EMA file) or the raw weights of the DDP engine's files."""
+    """EMA weights (``artifacts.load_weights`` of the step folder) or the raw weights of the DDP engine's files."""
+    if which == "ema":
+        return load_weights(str(folder))[0]
     if not (folder / COMMIT_NAME).is_file():
         raise FileNotFoundError(f"{folder}: no committed checkpoint (did the run train to this step?)")
-    path = folder / ema_file_name(None) if which == "ema" else folder / ENGINE_DIR / MODEL_FILE
+    path = folder / ENGINE_DIR / MODEL_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing ({which} weights of a single-file checkpoint)")
+        raise FileNotFoundError(f"{path}: missing (raw weights of a DDP checkpoint)")
     return load_file(str(path))
 
 
@@ -106,7 +105,7 @@ def evaluate_run(study: StudyConfig, variant: VariantSpec, seed: int, device: to
             metrics = evaluator.run(_weights(step_folder(run_dir, step), protocol.weights), step)
             records.append({"step": step, "protocol": protocol.label, "seconds": time.perf_counter() - started,
                             "metrics": {name.removeprefix("eval/"): value for name, value in metrics.items()}})
-            _write_atomically(run_dir / EVALUATIONS_FILE, records)
+            Storage(str(run_dir)).write_json(EVALUATIONS_FILE, records)  # atomic: a kill keeps the old list
     finally:
         for _, logger in evaluators.values():
             logger.close()

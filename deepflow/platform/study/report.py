@@ -16,6 +16,7 @@ from typing import Any
 
 from deepflow.platform.study.config import StudyConfig, describe, slug
 from deepflow.platform.study.evaluate import read_evaluations
+from deepflow.platform.train.tb_logging import read_scalars
 
 __all__ = ["Summary", "collect", "higher_is_better", "verdict", "write_report"]
 
@@ -67,15 +68,10 @@ def verdict(baseline: Summary, method: Summary, metric: str) -> str:
 # -------------------------------------------------------------------------------------------------- collect
 def _seconds_per_step(run_dir: Path, batch: int) -> float:
     """The run's median training seconds per step over the trainer's logging windows (``perf/images_per_s`` in
-    its ``scalars.jsonl``; the last record of a step wins when a resumed run logged it twice). The median keeps a
+    its TensorBoard scalars; the last record of a step wins when a resumed run logged it twice). The median keeps a
     window slowed by another process on the machine, or by a checkpoint save, from bending the wall-clock axis."""
-    path = run_dir / "tensorboard" / "scalars.jsonl"
-    rates: dict[int, float] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
-            if "perf/images_per_s" in record:
-                rates[int(record["step"])] = float(record["perf/images_per_s"])
+    rates = {int(row["step"]): float(row["perf/images_per_s"])
+             for row in read_scalars(StudyConfig.tensorboard_dir(run_dir)) if "perf/images_per_s" in row}
     per_step = [batch / rate for rate in rates.values() if rate > 0]
     return statistics.median(per_step) if per_step else math.nan
 

@@ -9,7 +9,6 @@ continue. A failed run is reported with its log and the others go on.
 """
 from __future__ import annotations
 
-import json
 import os
 import queue
 import signal
@@ -23,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deepflow.platform.study.config import StudyConfig, VariantSpec, run_overrides
-from deepflow.platform.study.evaluate import pending, step_folder
+from deepflow.platform.study.evaluate import committed, pending
+from deepflow.platform.train.tb_logging import read_scalars
 
 __all__ = ["RunTask", "StudyRunner", "plan_tasks"]
 
@@ -56,19 +56,9 @@ def plan_tasks(study: StudyConfig) -> list[RunTask]:
 
 
 def _last_logged_step(run_dir: Path) -> int | None:
-    """The newest step in the run's TensorBoard scalars (``scalars.jsonl``), for progress lines."""
-    path = run_dir / "tensorboard" / "scalars.jsonl"
-    if not path.is_file():
-        return None
-    with open(path, "rb") as handle:
-        handle.seek(max(0, path.stat().st_size - 4096))
-        lines = handle.read().decode(errors="replace").strip().splitlines()
-    for line in reversed(lines):
-        try:
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError):
-            continue
-    return None
+    """The newest step in the run's TensorBoard scalars, for progress lines."""
+    rows = read_scalars(StudyConfig.tensorboard_dir(run_dir))
+    return int(rows[-1]["step"]) if rows else None
 
 
 class StudyRunner:
@@ -85,6 +75,7 @@ class StudyRunner:
         self._children: set[subprocess.Popen[bytes]] = set()
         self._lock = threading.Lock()
         self._slots: queue.Queue[int] = queue.Queue()
+        self._gpus: list[str] = []  # CUDA devices to split between runs (read in run())
 
     # ---------------------------------------------------------------------------------------------- commands
     def train_command(self, task: RunTask) -> list[str]:
@@ -103,16 +94,15 @@ class StudyRunner:
     def _environment(self, slot: int) -> dict[str, str]:
         env = dict(os.environ, OMP_NUM_THREADS=str(self.study.threads_per_run), PYTHONUNBUFFERED="1")
         env.pop("DEEPFLOW_AUTO_THREADS", None)
-        gpus = _visible_gpus()
-        if gpus:
+        if self._gpus:
             per_run = self.study.nproc_per_run
-            chosen = gpus[slot * per_run:(slot + 1) * per_run] or gpus[:per_run]
+            chosen = self._gpus[slot * per_run:(slot + 1) * per_run] or self._gpus[:per_run]
             env["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
         return env
 
     # ------------------------------------------------------------------------------------------------- runs
     def trained(self, task: RunTask) -> bool:
-        return (step_folder(task.run_dir, self.study.steps_of(task.variant)) / "COMMIT").is_file()
+        return committed(task.run_dir, self.study.steps_of(task.variant))
 
     def _child(self, command: list[str], log_path: Path, slot: int) -> int:
         """Run ``command`` with its output appended to ``log_path``; its exit status (130 when stopping)."""
@@ -132,26 +122,28 @@ class StudyRunner:
                 with self._lock:
                     self._children.discard(process)
 
+    def _phase(self, task: RunTask, phase: str, command: list[str], log_name: str, slot: int) -> bool:
+        """Run one phase of ``task`` in a child process; False (and the task marked failed) when it did not exit 0."""
+        task.status = phase
+        started = time.perf_counter()
+        status = self._child(command, task.run_dir / log_name, slot)
+        task.seconds[phase] = time.perf_counter() - started
+        if status != 0:
+            task.status = "failed"
+            reason = "stopped" if self.stopping.is_set() else f"exited with status {status}"
+            task.error = f"{phase} {reason}; see {task.run_dir / log_name}"
+        return status == 0
+
     def _run(self, task: RunTask) -> RunTask:
+        """Train the run unless its last checkpoint is committed, then score what is not scored yet."""
         slot = self._slots.get()
         try:
-            for phase, needed, command, log_name in (
-                ("training", not self.trained(task), self.train_command, "train.log"),
-                ("evaluating", True, self.evaluate_command, "evaluate.log"),
-            ):
-                if phase == "evaluating" and not pending(self.study, task.variant, task.run_dir):
-                    continue
-                if not needed:
-                    continue
-                task.status = phase
-                started = time.perf_counter()
-                status = self._child(command(task), task.run_dir / log_name, slot)
-                task.seconds[phase] = time.perf_counter() - started
-                if status != 0:
-                    task.status = "failed"
-                    reason = "stopped" if self.stopping.is_set() else f"exited with status {status}"
-                    task.error = f"{phase} {reason}; see {task.run_dir / log_name}"
-                    return task
+            if not self.trained(task) and not self._phase(task, "training", self.train_command(task), "train.log",
+                                                          slot):
+                return task
+            if pending(self.study, task.variant, task.run_dir) and not self._phase(
+                    task, "evaluating", self.evaluate_command(task), "evaluate.log", slot):
+                return task
             task.status = "done"
             return task
         finally:
@@ -177,7 +169,8 @@ class StudyRunner:
 
     def run(self) -> list[RunTask]:
         """Run every task; returns them with their status. Raises KeyboardInterrupt after stopping the children."""
-        parallel = min(self.study.parallel_runs(gpus=len(_visible_gpus())), len(self.tasks))
+        self._gpus = _visible_gpus()
+        parallel = min(self.study.parallel_runs(gpus=len(self._gpus)), len(self.tasks))
         for slot in range(parallel):
             self._slots.put(slot)
         self.print(f"study {self.study.name}: {len(self.tasks)} runs, {parallel} at a time, "

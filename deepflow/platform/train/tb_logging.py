@@ -30,7 +30,11 @@ import torch
 
 from deepflow.storage import Storage
 
-__all__ = ["TrainLogger", "console_logger", "branch_layout", "peak_memory_gb", "peak_tflops_for"]
+__all__ = ["SCALARS_FILE", "TrainLogger", "console_logger", "branch_layout", "peak_memory_gb", "peak_tflops_for",
+           "read_scalars"]
+
+#: every scalar row (JSON lines: {"step": N, tag: value, ...}) beside the event files
+SCALARS_FILE = "scalars.jsonl"
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +134,7 @@ class TrainLogger:
                 raise
             self._uploaded = {name: _signature(path) for name, path in self._local_files().items()}
         self.writer = SummaryWriter(log_dir=self.local_dir, flush_secs=30)
-        self._jsonl = open(os.path.join(self.local_dir, "scalars.jsonl"), "a")
+        self._jsonl = open(os.path.join(self.local_dir, SCALARS_FILE), "a")
 
     def set_layout(self, layout: dict[str, dict[str, list[Any]]]) -> None:
         if self.writer is not None:
@@ -212,6 +216,22 @@ class TrainLogger:
                 return False
             self._uploaded[name] = signature
         return True
+
+
+def read_scalars(tensorboard_dir: str | os.PathLike[str]) -> list[dict[str, float]]:
+    """The scalar rows a (local) TensorBoard folder's :data:`SCALARS_FILE` holds, in the order written (a resumed run
+    appends, so a step may appear twice); [] when there is none yet. A line cut short by a kill is skipped."""
+    path = os.path.join(tensorboard_dir, SCALARS_FILE)
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path) as handle:
+        for line in handle:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 def _signature(path: str) -> tuple[int, int]:
