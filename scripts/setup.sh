@@ -6,13 +6,19 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 
-if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; then
+# Debian packages: the demo's dataset and the emoji font (data), and tini (the container image's PID 1, which
+# tests/k8s/test_pod_faults.py runs as a pod would). Only the missing ones are installed.
+missing=()
+[ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
+[ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || missing+=(fonts-noto-color-emoji)
+command -v tini >/dev/null || missing+=(tini)
+if [ ${#missing[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    echo "[setup] installing Debian packages dataset-fashion-mnist fonts-noto-color-emoji"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist fonts-noto-color-emoji) >/dev/null \
-      || echo "[setup] WARNING: apt-get failed; the demo falls back to scikit-learn digits"
+    echo "[setup] installing Debian packages ${missing[*]}"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null 2>&1 \
+      || echo "[setup] WARNING: apt-get failed: without dataset-fashion-mnist the demo falls back to scikit-learn digits; without tini the pod tests fail"
   else
-    echo "[setup] WARNING: apt-get unavailable (or not root); the demo falls back to scikit-learn digits"
+    echo "[setup] WARNING: apt-get unavailable (or not root), missing ${missing[*]}: without dataset-fashion-mnist the demo falls back to scikit-learn digits; without tini the pod tests fail"
   fi
 fi
 

@@ -139,6 +139,19 @@ def test_setup_installs_everything_and_builds_deepspeed_against_torch() -> None:
     assert '-e ".[all,dev]"' in setup and "--no-build-isolation deepspeed" in setup
 
 
+def test_ci_runs_only_the_readme_test_command_whose_setup_installs_the_system_packages() -> None:
+    """CI (.ci/run) is `make test` on a clean clone and nothing else, so the README's two commands must install
+    every system package the tests need themselves: tini (the pod tests' PID 1) beside the Debian data."""
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+    assert ci[-1] == "make test" and not any(re.search(r"\b(apt-get|apt|pip)\b", line) for line in ci), ci
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    for package, probe in (("tini", "command -v tini"), ("dataset-fashion-mnist", "/usr/share/datasets/fashion-mnist"),
+                           ("fonts-noto-color-emoji", "NotoColorEmoji.ttf")):
+        assert f"missing+=({package})" in setup and probe in setup, package
+    assert "setup:" in (REPO / "Makefile").read_text() and "test: setup" in (REPO / "Makefile").read_text()
+
+
 def test_the_documented_configs_path_is_the_packaged_folder() -> None:
     assert (REPO / "configs").resolve() == (REPO / "deepflow" / "configs").resolve()
     assert (REPO / "configs" / "demo" / "train-digits.yaml").is_file()

@@ -36,6 +36,7 @@ from deepflow.platform.eval.extractors import (
 from deepflow.platform.eval.metrics import (
     feature_statistics,
     frechet_distance,
+    frechet_distance_details,
     inception_score,
     precision_recall,
 )
@@ -450,8 +451,10 @@ def evaluate_batch(
             results.update(_adm_metrics(feats, ref, extractor, batch_size, device, k, split_size, fd_method))
             continue
         (mu_ref, sigma_ref), where = _reference_statistics(extractor, ref, batch_size, device)
-        results[f"fd_{extractor.name}"] = frechet_distance(*feature_statistics(feats["feats"]), mu_ref, sigma_ref,
-                                                           method=fd_method)
+        fd = frechet_distance_details(*feature_statistics(feats["feats"]), mu_ref, sigma_ref, method=fd_method)
+        results[f"fd_{extractor.name}"] = fd.value
+        if fd.diagonal_offset:  # a singular covariance product, recomputed as pytorch-fid does
+            results[f"fd_{extractor.name}_diagonal_offset"] = fd.diagonal_offset
         results[f"reference_{extractor.name}"] = where
         if extractor.name in precision_recall_for and ref is not None and ref.images is not None:
             ref_feats = ref.features(extractor, batch_size, device)["feats"]

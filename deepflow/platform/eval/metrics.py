@@ -4,8 +4,9 @@ Math (numpy / torch, no network):
 - ``feature_statistics(feats [N, D]) -> (mu [D], sigma [D, D])`` (float64, unbiased covariance as ``np.cov``);
 - ``frechet_distance(mu1, sigma1, mu2, sigma2) -> float``
   ``= |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^{1/2})`` with ``scipy.linalg.sqrtm``, treated as
-  the TTUR / ADM / pytorch-fid evaluators do: a non-finite square root of a near-singular product is retried with
-  ``eps`` added to both diagonals; a small imaginary part (numerical error) is dropped, a large one is an error;
+  the TTUR / ADM / pytorch-fid evaluators do: SciPy's singular-matrix warning is not shown, a non-finite square
+  root of a near-singular product is retried with ``eps`` added to both diagonals (``frechet_distance_details``
+  says so); a small imaginary part (numerical error) is dropped, a large one is an error;
 - ``inception_score(logits or probs [N, C], splits)`` (ADM: chunks of 5000 samples, the mean of exp(E KL));
 - ``precision_recall(real [N1, D], fake [N2, D], k=3)``: improved precision / recall (Kynkaanniemi et al.), the
   k-NN-hypersphere manifolds of the ADM evaluator (squared Euclidean distances; radius = distance to the k-th
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -50,6 +52,14 @@ def feature_statistics(feats: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
+@dataclass(frozen=True)
+class FrechetDistance:
+    """A Frechet distance and the offset added to both covariance diagonals to compute it (0.0: none needed)."""
+
+    value: float
+    diagonal_offset: float = 0.0
+
+
 def frechet_distance(
     mu1: ArrayLike,
     sigma1: ArrayLike,
@@ -63,7 +73,22 @@ def frechet_distance(
     ``method="sqrtm"`` (default) is the ADM / pytorch-fid computation. ``method="eigh"`` gives the same quantity
     through symmetric eigendecompositions, tr((s1 s2)^1/2) = sum sqrt(eig(s1^1/2 s2 s1^1/2)): about 5x faster for
     D = 2048 on a CPU (used by quick in-training evaluations; equal to sqrtm up to rounding on PSD inputs).
+    :func:`frechet_distance_details` also says whether the diagonal offset was needed.
     """
+    return frechet_distance_details(mu1, sigma1, mu2, sigma2, eps, method).value
+
+
+def frechet_distance_details(
+    mu1: ArrayLike,
+    sigma1: ArrayLike,
+    mu2: ArrayLike,
+    sigma2: ArrayLike,
+    eps: float = 1e-6,
+    method: Literal["sqrtm", "eigh"] = "sqrtm",
+) -> FrechetDistance:
+    """:func:`frechet_distance` with the diagonal offset it needed. A singular covariance product (fewer samples
+    than dimensions, dead features) is handled as pytorch-fid does: SciPy's "Matrix is singular" warning is not
+    shown, and only a non-finite square root is recomputed with ``eps`` added to both diagonals."""
     mu1, mu2 = np.atleast_1d(_as_numpy64(mu1, "mu1")), np.atleast_1d(_as_numpy64(mu2, "mu2"))
     sigma1, sigma2 = np.atleast_2d(_as_numpy64(sigma1, "sigma1")), np.atleast_2d(_as_numpy64(sigma2, "sigma2"))
     if mu1.shape != mu2.shape or mu1.ndim != 1:
@@ -73,19 +98,30 @@ def frechet_distance(
         raise ValueError(f"covariances must be [{dim}, {dim}], got {sigma1.shape} and {sigma2.shape}")
     diff = mu1 - mu2
     if method == "eigh":
-        return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * _trace_sqrt_product(sigma1, sigma2))
+        return FrechetDistance(float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
+                                     - 2.0 * _trace_sqrt_product(sigma1, sigma2)))
     if method != "sqrtm":
         raise ValueError(f"frechet_distance method must be 'sqrtm' or 'eigh', got {method!r}")
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    offset = 0.0
+    covmean = _sqrtm_quiet(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
-        warnings.warn(f"Frechet distance: singular covariance product; adding {eps} to the diagonals", stacklevel=2)
-        offset = np.eye(dim) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        offset = eps
+        log.info("Frechet distance: the covariance product is singular; recomputed with %g added to the diagonals",
+                 eps)
+        diagonal = np.eye(dim) * eps
+        covmean = _sqrtm_quiet((sigma1 + diagonal) @ (sigma2 + diagonal))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag)):.3g} in sqrtm")
         covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return FrechetDistance(float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean)), offset)
+
+
+def _sqrtm_quiet(matrix: np.ndarray) -> np.ndarray:
+    """``scipy.linalg.sqrtm`` without its LinAlgWarning for a singular matrix (the result is checked instead)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return linalg.sqrtm(matrix)
 
 
 def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
@@ -187,5 +223,6 @@ def precision_recall(
 
 
 __all__ = [
-    "feature_statistics", "frechet_distance", "inception_score", "manifold_radii", "precision_recall",
+    "FrechetDistance", "feature_statistics", "frechet_distance", "frechet_distance_details", "inception_score",
+    "manifold_radii", "precision_recall",
 ]

@@ -27,7 +27,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from deepflow.data_pipeline.encoders import to_unit_range
-from deepflow.platform.eval.metrics import feature_statistics, frechet_distance
+from deepflow.platform.eval.metrics import feature_statistics, frechet_distance_details
 from deepflow.storage import join_url, read_url_bytes, url_exists, write_url_bytes
 
 log = logging.getLogger(__name__)
@@ -222,14 +222,19 @@ class ClassifierQuality:
         return float((self.classifier.head(feats).argmax(dim=1) == wanted).float().mean())
 
     def score(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> dict[str, float | str]:
-        """uint8 samples [N, C, H, W] with requested labels [N] -> {"fd", "accuracy", "classifier_sha256"}."""
+        """uint8 samples [N, C, H, W] with requested labels [N] -> {"fd", "accuracy", "classifier_sha256"}, plus
+        "fd_diagonal_offset" when the Frechet distance needed one (a singular covariance product)."""
         feats = self(images).cpu()
         mu, sigma = feature_statistics(feats.numpy())
-        return {
-            "fd": float(frechet_distance(mu, sigma, *self.reference_stats)),
+        fd = frechet_distance_details(mu, sigma, *self.reference_stats)
+        result: dict[str, float | str] = {
+            "fd": fd.value,
             "accuracy": self.class_accuracy(feats, labels),
             "classifier_sha256": self.sha256,
         }
+        if fd.diagonal_offset:
+            result["fd_diagonal_offset"] = fd.diagonal_offset
+        return result
 
     @classmethod
     def for_dataset(

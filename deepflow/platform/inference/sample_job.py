@@ -39,6 +39,7 @@ from deepflow.platform.inference.conditions import ConditionPlan, sampling_plan
 from deepflow.errors import USER_ERRORS, JobArgumentParser, UserError, describe, report_user_errors
 from deepflow.platform.inference.generate import DecodeSpec, Decoder, SamplerConfig, build_model, generate
 from deepflow.platform.inference.sample_set import SampleSet
+from deepflow.precision import PRECISIONS, choose_precision
 from deepflow.ranks import read_dist_env
 from deepflow.storage import resolve_storage_options
 
@@ -67,7 +68,8 @@ class SampleConfig(ConfigSection):
     batch_size: int = Field(125, ge=1, description="images per sampler batch (x2 rows with CFG)")
     seed: int = 0
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the device computes it natively, else fp32 (deepflow.precision)")
     labels: str = Field("cyclic", description="class models: cyclic | shuffled | label file (.npy/.txt/.json)")
     captions: str | None = Field(None, description="text models: 'dataset' (default) or a caption file URL")
     dataset: StorageURL | None = Field(None, description="text models: caption dataset URL (default: the training data)")
@@ -181,6 +183,16 @@ def _field(name: str) -> Iterator[None]:
         raise UserError(message) from error
 
 
+def _resolve_precision(config: SampleConfig, device: torch.device, rank: int) -> SampleConfig:
+    """``config`` with its precision resolved for ``device`` (what the fingerprint and sampling.json record)."""
+    choice = choose_precision(config.precision, device)
+    if rank == 0:
+        log.info("precision %s", choice.describe())
+        if choice.warning:
+            log.warning(choice.warning)
+    return config.model_copy(update={"precision": choice.precision})
+
+
 def run_sampling(
     config: SampleConfig,
     rank: int = 0,
@@ -191,6 +203,7 @@ def run_sampling(
     """Sample this rank's missing chunks; rank 0 then waits for all chunks and writes samples.npz. Nothing is
     written before the output folder, the weights, the condition plan and the decoder have been checked."""
     device = torch.device(device)
+    config = _resolve_precision(config, device, rank)
     samples = SampleSet(config.out, config.fingerprint(), config.storage_options_for(config.out))
     recorded = samples.check_settings()
     pipeline = _Pipeline.build(config, device)
@@ -263,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="decode.vae: diffusers AutoencoderKL hub id or local path")
     p.add_argument("--latent-scale", type=float, help="decode.latent_scale (default: recorded, else 0.18215)")
     p.add_argument("--vae-batch-size", type=int, help="decode.batch_size (default 32)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="precision (default fp32)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="precision (default auto: bf16 where the device computes it natively, else fp32)")
     p.add_argument("--png", action="store_const", const=True, help="png: also write <out>/png/NNNNNN.png")
     p.add_argument("--no-npz", dest="npz", action="store_const", const=False, help="npz: false")
     p.add_argument("--endpoint-url", help="endpoint_url: S3-compatible endpoint")

@@ -304,7 +304,9 @@ class DebugSection(_Section):
 
 
 class RunConfig(_Section):
-    """The whole run. ``precision`` is fp32, bf16 (autocast / FSDP MixedPrecision / DeepSpeed bf16) or fp16."""
+    """The whole run. ``precision`` is fp32, bf16 (autocast / FSDP MixedPrecision / DeepSpeed bf16), fp16, or auto
+    (bf16 where the device computes it natively, else fp32: :mod:`deepflow.precision`; the trainer resolves it and
+    the resolved value is what checkpoints and exports record)."""
 
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -312,7 +314,7 @@ class RunConfig(_Section):
     data: DataSection = Field(default_factory=DataSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     ema: EMASection = Field(default_factory=EMASection)
@@ -326,7 +328,7 @@ class RunConfig(_Section):
         from deepflow.platform.train.engines import ENGINES
 
         supported = ENGINES[self.distributed.engine].precisions
-        if self.precision not in supported:
+        if self.precision != "auto" and self.precision not in supported:
             raise ValueError(f"precision: {self.precision} is not supported with distributed.engine="
                              f"{self.distributed.engine}; use one of {', '.join(supported)}")
         if self.model.ssl_align and self.objective.proj_weight == 0.0:

@@ -9,7 +9,8 @@ size, classes, captions) before any process group starts; a mistake prints one l
 <what is wrong>`` and exits with status 2 (``DEEPFLOW_DEBUG=1`` shows the traceback instead). Resuming with a
 changed model shape, engine, ZeRO stage, global batch size, gradient accumulation or precision is refused the same
 way; other changes are applied with one warning line. A run stopped by non-finite losses exits with status 3.
-SIGTERM saves a checkpoint and exits 0; rerunning resumes from the newest one.
+SIGTERM saves a checkpoint and exits 0 (under the pod supervisor the pod then exits 75, see below); rerunning
+resumes from the newest one.
 
 Under the Kubernetes supervisor (``deepflow.platform.train.k8s_env``, which sets ``$DEEPFLOW_STATUS_DIR``) every
 rank also reports how it ended (running / completed / preempted at step N / failed with status S), from which the

@@ -68,7 +68,7 @@ def _engine_line(trainer: Trainer) -> str:
                                        else "")
     sharded = ", sharded parameters" if trainer.engine.sharded_params else ""
     compiled = ", torch.compile" if cfg.distributed.compile_on(trainer.ctx.device.type) else ""
-    return f"engine      {engine}{sharded}{compiled}, precision {cfg.precision}"
+    return f"engine      {engine}{sharded}{compiled}, precision {trainer.precision.describe()}"
 
 
 def _world_line(trainer: Trainer) -> str:

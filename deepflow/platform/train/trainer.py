@@ -12,8 +12,11 @@ and skip the step: no backward, no update, gradients dropped. After ``schedule.m
 the run saves a checkpoint of the last good state (skipped steps never touched the weights) and stops with
 :class:`NonFiniteLossError`.
 
-SIGTERM: the current step finishes, a checkpoint is written (blocking), and :func:`train` returns normally so
-the process exits 0.
+SIGTERM: the current step finishes, a checkpoint is written (blocking), and :func:`train` returns normally (the
+result says ``preempted``). The training process itself then exits 0 (:mod:`deepflow.platform.train.job`); under the
+Kubernetes pod supervisor (``k8s_env``) the pod exits 75 (EX_TEMPFAIL) once every rank reported a committed
+checkpoint, so the Job restarts it instead of counting it as succeeded
+(:mod:`deepflow.platform.train.pod_supervisor`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from deepflow.platform.train.distributed import (
     step_generator,
 )
 from deepflow.platform.train.ema import ShardedEMA
+from deepflow.precision import choose_precision
 from deepflow.platform.train.preemption import PreemptionHandler
 from deepflow.platform.train.summary import startup_summary
 from deepflow.platform.train.engines import Engine, build_engine, engine_class
@@ -133,6 +137,11 @@ class Trainer:
         # text models: context_dim / pooled_dim come from (and are checked against) the dataset manifest; the
         # resolved values travel in the saved config, checkpoints and the export
         cfg = resolve_model_for_dataset(cfg, self.loader.manifest)
+        # precision auto -> bf16 or fp32 for this device (deepflow.precision); the resolved value is what is saved
+        self.precision = choose_precision(cfg.precision, ctx.device)
+        cfg = cfg.model_copy(update={"precision": self.precision.precision})
+        if self.precision.warning and ctx.is_main:
+            self.log.warning(self.precision.warning)
         self.cfg = cfg
         self.config_yaml = config_to_yaml(cfg)
         model = _build_model(cfg)

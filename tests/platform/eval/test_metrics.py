@@ -14,6 +14,7 @@ from deepflow.platform.eval.extractors import build_extractor, register_extracto
 from deepflow.platform.eval.metrics import (
     feature_statistics,
     frechet_distance,
+    frechet_distance_details,
     inception_score,
     precision_recall,
 )
@@ -75,9 +76,16 @@ def test_frechet_distance_rank_deficient_covariances_stay_finite() -> None:
     rng = np.random.default_rng(2)
     x1, x2 = rng.normal(size=(5, 32)), rng.normal(size=(5, 32)) + 1.0  # N < D: singular covariances
     with warnings.catch_warnings():
+        warnings.simplefilter("error")  # SciPy's "Matrix is singular" LinAlgWarning must not reach a user's console
+        details = frechet_distance_details(*feature_statistics(x1), *feature_statistics(x2))
+    assert np.isfinite(details.value) and details.value > 0 and details.diagonal_offset == 0.0
+    # the same value as pytorch-fid, the reference implementation of this handling
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fd = frechet_distance(*feature_statistics(x1), *feature_statistics(x2))
-    assert np.isfinite(fd) and fd > 0
+        expected = calculate_frechet_distance(*feature_statistics(x1), *feature_statistics(x2))
+    assert details.value == pytest.approx(expected, rel=1e-9)
     assert frechet_distance(*feature_statistics(x1), *feature_statistics(x1)) == pytest.approx(0.0, abs=1e-4)
 
 

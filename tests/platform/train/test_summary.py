@@ -49,3 +49,23 @@ def test_counts_and_the_eval_line() -> None:
     line = eval_line(500, {"eval/fd_classifier": 140.71, "eval/class_accuracy": 0.1812}, 250, 9.84)
     assert line == "eval step 500: class_accuracy 0.1812, fd_classifier 140.7 (250 samples, 9.8 s)"
     assert eval_line(3, {}, 4, 0.5) == "eval step 3: sample grid written (4 samples, 0.5 s)"
+
+
+def test_precision_auto_is_resolved_for_the_device_and_the_summary_says_why(tmp_path: Path) -> None:
+    from deepflow.platform.train.config import apply_overrides
+    from deepflow.precision import choose_precision
+
+    make_digits_dataset(str(tmp_path / "data"))
+    tree = apply_overrides({}, base_overrides(str(tmp_path / "data"), str(tmp_path / "run"), steps=1,
+                                              **{"eval.every": 0, "precision": "auto"}))
+    cfg = config_from_tree(tree)
+    trainer = Trainer(cfg, init_distributed(cfg.distributed.backend, None, require_group=False))
+    try:
+        lines = startup_summary(trainer)
+    finally:
+        trainer.loader.close()
+        trainer.logger.close()
+    expected = choose_precision("auto", torch.device("cpu"))
+    assert trainer.cfg.precision == expected.precision  # what the engine, checkpoints and the export see
+    assert f"precision: {expected.precision}\n" in trainer.config_yaml
+    assert f"engine      ddp, precision {expected.describe()}" in "\n".join(lines)
