@@ -23,6 +23,17 @@ rank's streams; they change the speed, never the order.
 
 ``url`` is a dataset directory, its ``manifest.json``, or a pattern of shard names inside it
 (``.../shard-0000-*.tar``, ``.../shard-{0000..0003}-000000.tar``) to use a subset.
+
+Unreadable shards (missing, or corrupt: checksum, tar, fields or sample count not the manifest's): with
+``on_error="skip"`` a stream puts the next readable shard of the epoch permutation in an unreadable shard's place
+(:mod:`deepflow.data_pipeline.stream`), so the order stays a function of (seed, the set of readable shards,
+step) on any world size, reader count and after a resume. The loader logs each unreadable shard once (one
+``WARNING`` line naming its URL and the reason, on the rank that met it), lists them in :attr:`ShardLoader.unreadable`
+(``stats``) and in its state (a resumed loader does not read them again). No readable shard at all raises
+:class:`~deepflow.data_pipeline.stream.NoReadableShardError` (a ``ConfigError``: ``data.url: <url>: no readable
+shard (N corrupt, M missing)``); with ``on_error="raise"`` the first unreadable shard raises ``ShardError`` /
+``FileNotFoundError`` naming it. Errors of reader threads and worker processes reach the consumer with their type
+and message.
 """
 
 from __future__ import annotations
@@ -31,10 +42,10 @@ import dataclasses
 import fnmatch
 import io
 import logging
+import pickle
 import posixpath
 import queue
 import threading
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,8 +54,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from deepflow.artifacts import MANIFEST_NAME, Manifest, read_manifest
 from deepflow.storage import Storage
-from .shards import Block, decode_shard
-from .stream import Position, SampleStream, StreamSpec, stream_windows
+from .shards import Block, ShardError, decode_shard
+from .stream import Position, SampleStream, StreamSpec, Unreadable, UnreadableMap, stream_windows
 
 log = logging.getLogger(__name__)
 
@@ -70,31 +81,53 @@ def expand_pattern(pattern: str) -> list[str]:
 
 @dataclasses.dataclass
 class _Chunk:
-    """One stream's chunk for one batch, with the stream's position after it and the shards it skipped."""
+    """One stream's chunk for one batch, with the stream's position after it and the unreadable shards it found
+    while reading it."""
 
     stream: int
     batch: dict[str, Any]
     position: dict[str, int]
-    corrupt: list[str]
+    unreadable: list[Unreadable]
+
+
+def _shard_failure(url: str, reason: str) -> _Failure:
+    return _Failure(ShardError(url, reason))
 
 
 @dataclasses.dataclass
 class _Failure:
+    """An error of a reader thread or worker process, handed to the consumer (which raises it)."""
+
     error: BaseException
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickles with the error's type and message (``ShardError`` takes two arguments; an unpicklable error
+        becomes a ``RuntimeError`` with its type and message)."""
+        error = self.error
+        if isinstance(error, ShardError):
+            return _shard_failure, (error.url, error.reason)
+        try:
+            pickle.loads(pickle.dumps(error))
+        except Exception:  # noqa: BLE001 - whatever the error holds
+            error = RuntimeError(f"{type(error).__name__}: {error}")
+        return _Failure, (error,)
 
 
 def _group_items(spec: StreamSpec, streams: list[int], positions: dict[int, Position],
-                 ) -> Iterator[list[_Chunk]]:
-    """For each batch index: the next chunk of every stream of the group ``streams`` (in that order)."""
-    readers = [SampleStream(spec, stream) for stream in streams]
+                 known: UnreadableMap | None = None) -> Iterator[list[_Chunk]]:
+    """For each batch index: the next chunk of every stream of the group ``streams`` (in that order).
+
+    ``known``: shards known to be unreadable, shared by the group's streams (and updated by them)."""
+    known = {} if known is None else known
+    readers = [SampleStream(spec, stream, known) for stream in streams]
     iterators = [reader.batches(positions[stream]) for reader, stream in zip(readers, streams)]
     try:
         while True:
             item = []
             for reader, iterator in zip(readers, iterators):
                 batch, after = next(iterator)
-                item.append(_Chunk(reader.stream, batch, after.to_json(), list(reader.corrupt)))
-                reader.corrupt.clear()
+                item.append(_Chunk(reader.stream, batch, after.to_json(), list(reader.found)))
+                reader.found.clear()
             yield item
     finally:
         for reader in readers:
@@ -110,10 +143,10 @@ class _ThreadWorkers:
     """
 
     def __init__(self, spec: StreamSpec, groups: list[list[int]], positions: dict[int, Position],
-                 prefetch: int = 2) -> None:
+                 known: UnreadableMap, prefetch: int = 2) -> None:
         self.stop = threading.Event()
         self.queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=prefetch) for _ in groups]
-        self.threads = [threading.Thread(target=self._run, args=(k, spec, group, positions), daemon=True,
+        self.threads = [threading.Thread(target=self._run, args=(k, spec, group, positions, known), daemon=True,
                                          name=f"shard-loader-{k}") for k, group in enumerate(groups)]
         for thread in self.threads:
             thread.start()
@@ -127,9 +160,10 @@ class _ThreadWorkers:
                 continue
         return False
 
-    def _run(self, worker: int, spec: StreamSpec, group: list[int], positions: dict[int, Position]) -> None:
+    def _run(self, worker: int, spec: StreamSpec, group: list[int], positions: dict[int, Position],
+             known: UnreadableMap) -> None:
         try:
-            for item in _group_items(spec, group, positions):
+            for item in _group_items(spec, group, positions, known):
                 if not self._put(worker, item):
                     return
         except BaseException as error:  # noqa: BLE001 - handed to the consumer thread
@@ -162,12 +196,16 @@ class _ThreadWorkers:
 
 class _GroupDataset(IterableDataset[list[_Chunk]]):
     """DataLoader dataset: worker process j serves stream group j (one item per batch index); the DataLoader
-    hands items out round-robin, so K consecutive items make one batch."""
+    hands items out round-robin, so K consecutive items make one batch. An error ends the worker's items with a
+    :class:`_Failure` (its type and message intact; the DataLoader's own wrapper would turn it into a traceback
+    text)."""
 
-    def __init__(self, spec: StreamSpec, groups: list[list[int]], positions: dict[int, Position]) -> None:
+    def __init__(self, spec: StreamSpec, groups: list[list[int]], positions: dict[int, Position],
+                 known: dict[str, Unreadable]) -> None:
         self.spec = spec
         self.groups = groups
         self.positions = positions
+        self.known = known
 
     def __iter__(self) -> Iterator[list[_Chunk]]:
         info = get_worker_info()
@@ -176,13 +214,22 @@ class _GroupDataset(IterableDataset[list[_Chunk]]):
         if info is not None:  # a forked worker: filesystem clients (event loops, sockets) must not be shared
             torch.set_num_threads(1)
             spec = dataclasses.replace(spec, storage=spec.storage.reopen())
-        yield from _group_items(spec, group, self.positions)
+        try:
+            yield from _group_items(spec, group, self.positions, dict(self.known))
+        except Exception as error:  # noqa: BLE001 - raised again in the consumer
+            yield _Failure(error)  # type: ignore[misc]
 
 
 def _process_batches(loader: DataLoader[list[_Chunk]], groups: int) -> Iterator[list[_Chunk]]:
     iterator = iter(loader)
     while True:
-        yield [chunk for _ in range(groups) for chunk in next(iterator)]
+        item: list[_Chunk] = []
+        for _ in range(groups):
+            part = next(iterator)
+            if isinstance(part, _Failure):
+                raise part.error
+            item += part
+        yield item
 
 
 def _concat(chunks: list[_Chunk]) -> dict[str, Any]:
@@ -213,7 +260,8 @@ class ShardLoader:
         seed: base seed of the order and of all draws.
         flip: random horizontal flip (exact with a VAE ``flip_copy``, else the latent/pixels are mirrored).
         storage_options: fsspec options (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``).
-        on_error: ``"skip"`` (warn with the shard URL, count, continue) or ``"raise"`` for a corrupt shard.
+        on_error: for an unreadable (missing or corrupt) shard: ``"skip"`` (log it once, count it, read the next
+            readable shard of the epoch permutation in its place) or ``"raise"``.
         streams: sample streams of the global batch (a multiple of ``world_size`` dividing
             ``batch_size * world_size``); None: ``world_size * max(1, num_workers)``.
         endpoint_url: S3 endpoint (else from storage_options / ``AWS_ENDPOINT_URL``).
@@ -283,11 +331,12 @@ class ShardLoader:
             storage=self.storage, manifest=self.manifest, shards=tuple(shards), chunk_size=self.chunk_size,
             num_streams=self.num_streams, shuffle_buffer=shuffle_buffer, seed=seed, flip=flip, on_error=on_error,
             verify_checksums=verify_checksums, with_keys=with_keys, decode_images=decode_images,
-            prefetch_shards=prefetch_shards,
+            prefetch_shards=prefetch_shards, url=url,
         )
         self.num_samples = sum(count for _, count in shards)
         self._positions = {stream: Position() for stream in self.streams}
-        self._skipped: dict[int, list[str]] = {stream: [] for stream in self.streams}  # per stream, every skip
+        self._found: dict[int, list[Unreadable]] = {stream: [] for stream in self.streams}  # stream's discoveries
+        self._unreadable: dict[str, Unreadable] = {}  # every unreadable shard known to this rank, first first
         self._batches = 0
         self._active: Any = None
 
@@ -298,9 +347,10 @@ class ShardLoader:
         return self.num_samples / self.world_size
 
     def epoch_samples(self, epoch: int) -> int:
-        """Samples this rank reads in ``epoch`` (all its streams; from the manifest's counts)."""
-        return sum(count for stream in self.streams
-                   for window in stream_windows(self.spec, epoch, stream) for _, count in window)
+        """Samples this rank reads in ``epoch`` (all its streams; from the manifest's counts: a substitute for an
+        unreadable shard may hold another count)."""
+        return sum(slot.count for stream in self.streams
+                   for window in stream_windows(self.spec, epoch, stream) for slot in window)
 
     @property
     def epoch(self) -> int:
@@ -308,19 +358,17 @@ class ShardLoader:
         return min(position.epoch for position in self._positions.values())
 
     @property
-    def corrupt_shards(self) -> list[str]:
-        """Distinct URLs of the shards this rank's streams skipped (first skip first)."""
-        return list(dict.fromkeys(url for stream in self.streams for url in self._skipped[stream]))
-
-    @property
-    def corrupt_skips(self) -> int:
-        """Times this rank's streams skipped a shard (once per epoch that reaches it)."""
-        return sum(len(urls) for urls in self._skipped.values())
+    def unreadable(self) -> dict[str, Unreadable]:
+        """Shard name -> record of every distinct shard known to be unreadable on this rank, in the order they
+        were met: the ones this rank's streams met in the batches handed out, and all those of a loaded state
+        (of every stream, when it was merged). Each is read once and counted once."""
+        return dict(self._unreadable)
 
     @property
     def stats(self) -> dict[str, Any]:
-        return {"batches": self._batches, "epoch": self.epoch, "corrupt_shards": self.corrupt_shards,
-                "num_corrupt_shards": len(self.corrupt_shards), "corrupt_skips": self.corrupt_skips}
+        return {"batches": self._batches, "epoch": self.epoch,
+                "unreadable_shards": [self.storage.url_of(name) for name in self._unreadable],
+                "num_unreadable_shards": len(self._unreadable)}
 
     def null_text(self) -> dict[str, torch.Tensor] | None:
         """The empty caption's encoding (for CFG): ``text_emb`` float32 [L, D], ``text_mask`` bool [L],
@@ -342,24 +390,32 @@ class ShardLoader:
                                f"expected {self.streams}")
         for chunk in chunks:
             self._positions[chunk.stream] = Position(**chunk.position)
-            for url in chunk.corrupt:
-                warnings.warn(f"skipped corrupt shard {url} (see the log for the reason)", RuntimeWarning,
-                              stacklevel=3)
-                self._skipped[chunk.stream].append(url)
+            for record in chunk.unreadable:
+                self._note_unreadable(chunk.stream, record)
         self._batches += 1
         return _concat(chunks)
+
+    def _note_unreadable(self, stream: int, record: Unreadable) -> None:
+        """Count and log a newly met unreadable shard (once per rank; another stream's rediscovery is dropped)."""
+        if record.name in self._unreadable:
+            return
+        self._unreadable[record.name] = record
+        self._found[stream].append(record)
+        log.warning(f"data: skipping {record.kind} shard {record.reason}; a readable shard takes its place in "
+                    f"every epoch ({len(self._unreadable)} unreadable so far)")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.close()
         positions = {stream: Position(**p.to_json()) for stream, p in self._positions.items()}
+        known = dict(self._unreadable)  # shared by this iteration's readers (threads: one dict)
         if self.num_workers == 0:
-            iterator: Any = _group_items(self.spec, self.streams, positions)
+            iterator: Any = _group_items(self.spec, self.streams, positions, known)
         elif self.worker_mode == "thread":
-            iterator = _ThreadWorkers(self.spec, self.groups, positions)
+            iterator = _ThreadWorkers(self.spec, self.groups, positions, known)
             self._active = iterator
             return self._generate(iter(iterator))
         else:
-            loader = DataLoader(_GroupDataset(self.spec, self.groups, positions), batch_size=None,
+            loader = DataLoader(_GroupDataset(self.spec, self.groups, positions, known), batch_size=None,
                                 num_workers=len(self.groups), prefetch_factor=2, persistent_workers=False,
                                 pin_memory=False, collate_fn=_identity)
             self._active = iter(loader)
@@ -401,7 +457,8 @@ class ShardLoader:
             "seed": self.seed,
             "shuffle_buffer": self.shuffle_buffer,
             "streams": {str(stream): {"position": self._positions[stream].to_json(),
-                                      "skipped": list(self._skipped[stream])} for stream in self.streams},
+                                      "unreadable": [record.to_json() for record in self._found[stream]]}
+                        for stream in self.streams},
         }
 
     @staticmethod
@@ -429,7 +486,9 @@ class ShardLoader:
         for stream in self.streams:
             entry = state["streams"][str(stream)]
             self._positions[stream] = Position(**entry["position"])
-            self._skipped[stream] = list(entry.get("skipped", []))
+            self._found[stream] = [Unreadable(**record) for record in entry.get("unreadable", [])]
+        self._unreadable = {record["name"]: Unreadable(**record)  # every stream's, not only this rank's
+                            for entry in state["streams"].values() for record in entry.get("unreadable", [])}
         self._batches = 0
 
 

@@ -1,13 +1,14 @@
 """The deterministic sample streams behind :class:`deepflow.data_pipeline.loader.ShardLoader`.
 
 A dataset is read as ``S`` *streams* (``num_streams``, the unit of the order; independent of how many ranks or
-reader threads serve them). The order is a pure function of the seed, the epoch, the stream and the manifest's
-shard counts:
+reader threads serve them). The order is a pure function of the seed, the epoch, the stream, the manifest's
+shard counts and the set of readable shards:
 
 1. epoch e: every non-empty shard, permuted with a generator seeded by (seed, e) - the same everywhere;
-2. stream s of S takes ``perm[s::S]`` (disjoint);
-3. the stream's shards are grouped, in order, into *windows* of at least ``shuffle_buffer`` samples;
-   a window is loaded whole and its samples are permuted with a generator seeded by (seed, e, s, window);
+2. stream s of S takes the *slots* ``s, s + S, s + 2S, ...`` of that permutation (disjoint);
+3. the stream's slots are grouped, in order, into *windows* of at least ``shuffle_buffer`` samples (by the
+   manifest's counts); a window is loaded whole and its samples are permuted with a generator seeded by
+   (seed, e, s, window);
 4. the stream's samples, epoch after epoch, are cut into *chunks* of ``chunk_size`` (a chunk may span windows
    and epochs: nothing is dropped); chunk c of stream s draws its randomness (latent noise, flips, caption
    choice) from a generator seeded by (seed, s, c).
@@ -18,15 +19,27 @@ The position of a stream is (epoch, window, offset in the window, chunks emitted
 straight to its window without reading what came before, and sees exactly the samples it would have seen.
 Shuffle quality: samples mix within windows, windows arrive in a fresh order each epoch and a batch draws from S
 different shards; the precompute job already permutes items across shards, so every shard holds a mix of classes.
+
+Unreadable shards (``on_error="skip"``): readability is a property of the shard, not of who reads it. A shard is
+*unreadable* when it is missing or corrupt (sha256 not the manifest's, not a tar, truncated, fields or sample
+count not the manifest's). When the shard of slot i of epoch e is unreadable, the slot takes the first readable
+shard of the slots i+1, i+2, ... (mod n) of the same permutation: a different neighbour every epoch, so the lost
+share is spread over the dataset, and the substitute depends only on (seed, e, the set of readable shards). The
+order therefore stays independent of the world size, the reader threads/workers and resumption. A stream
+remembers the shards it found unreadable (shared with the other streams of its process, and carried by the
+loader's state), so each is read once and reported once; with no readable shard at all the stream raises
+:class:`NoReadableShardError` (``data.url: <url>: no readable shard (N corrupt, M missing)``), a user error that
+every stream of every rank meets at its first chunk. With ``on_error="raise"`` the first unreadable shard raises
+(:class:`~deepflow.data_pipeline.shards.ShardError` or ``FileNotFoundError``, naming its URL).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +48,8 @@ from .encoders import to_unit_range
 from .preprocess import decode_image_bytes
 from .shards import Block, ShardError, concat_blocks, decode_shard, sha256_hex
 from deepflow.artifacts import Manifest
+from deepflow.configuration import ConfigError
+from deepflow.errors import describe
 from deepflow.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -77,20 +92,62 @@ class StreamSpec:
     with_keys: bool
     decode_images: bool
     prefetch_shards: int
+    url: str = ""  # the dataset URL as the user gave it (for messages); "" -> the storage URL
 
 
-def stream_windows(spec: StreamSpec, epoch: int, stream: int) -> list[list[tuple[str, int]]]:
-    """The windows (lists of (shard, count)) of ``stream`` in ``epoch``."""
+@dataclass(frozen=True)
+class Unreadable:
+    """A shard found unreadable: ``kind`` is ``"missing"`` or ``"corrupt"``; ``reason`` names its URL."""
+
+    name: str
+    kind: str
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        return asdict(self)
+
+
+#: what :class:`SampleStream` knows to be unreadable: shard name -> record (may be shared by the streams of a
+#: process: readability is a property of the shard)
+UnreadableMap = MutableMapping[str, Unreadable]
+
+
+class NoReadableShardError(ConfigError):
+    """Not one shard of the dataset (the loader's selection) can be read: a user error (one line, exit 2) that
+    every stream of every rank raises at its first chunk, so no rank is left waiting in a collective."""
+
+    def __init__(self, url: str, corrupt: int, missing: int) -> None:
+        super().__init__(f"data.url: {url}: no readable shard ({corrupt} corrupt, {missing} missing)")
+        self.url, self.corrupt, self.missing = url, corrupt, missing
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across DataLoader worker processes
+        return type(self), (self.url, self.corrupt, self.missing)
+
+
+class Slot(NamedTuple):
+    """Place ``position`` of an epoch's shard permutation, holding shard ``name`` of ``count`` samples (manifest)."""
+
+    position: int
+    name: str
+    count: int
+
+
+def epoch_order(spec: StreamSpec, epoch: int) -> list[tuple[str, int]]:
+    """Every non-empty shard (name, count) of the selection, in the permutation of ``epoch`` (same everywhere)."""
     shards = [s for s in spec.shards if s[1] > 0]
     order = np.random.default_rng(derive_seed(spec.seed, epoch, 0x5A4D)).permutation(len(shards))
-    mine = [shards[i] for i in order][stream :: spec.num_streams]
-    windows: list[list[tuple[str, int]]] = []
-    current: list[tuple[str, int]] = []
+    return [shards[i] for i in order]
+
+
+def group_windows(slots: list[Slot], shuffle_buffer: int) -> list[list[Slot]]:
+    """``slots`` cut, in order, into windows of at least ``shuffle_buffer`` samples (the last may hold fewer)."""
+    windows: list[list[Slot]] = []
+    current: list[Slot] = []
     filled = 0
-    for shard in mine:
-        current.append(shard)
-        filled += shard[1]
-        if filled >= max(spec.shuffle_buffer, 1):
+    for slot in slots:
+        current.append(slot)
+        filled += slot.count
+        if filled >= max(shuffle_buffer, 1):
             windows.append(current)
             current, filled = [], 0
     if current:
@@ -98,10 +155,28 @@ def stream_windows(spec: StreamSpec, epoch: int, stream: int) -> list[list[tuple
     return windows
 
 
-class SampleStream:
-    """Chunks of one stream, from ``start`` on (see module docstring)."""
+def stream_windows(spec: StreamSpec, epoch: int, stream: int,
+                   order: list[tuple[str, int]] | None = None) -> list[list[Slot]]:
+    """The windows of ``stream`` in ``epoch``: its slots ``stream::num_streams`` of :func:`epoch_order` (the
+    shards the manifest puts there; an unreadable one is replaced when the window is loaded)."""
+    order = epoch_order(spec, epoch) if order is None else order
+    slots = [Slot(i, *order[i]) for i in range(stream, len(order), spec.num_streams)]
+    return group_windows(slots, spec.shuffle_buffer)
 
-    def __init__(self, spec: StreamSpec, stream: int) -> None:
+
+def unreadable_kind(error: BaseException) -> str:
+    """``"missing"`` for an absent object, else ``"corrupt"``."""
+    return "missing" if isinstance(error, FileNotFoundError) else "corrupt"
+
+
+class SampleStream:
+    """Chunks of one stream, from ``start`` on (see module docstring).
+
+    ``known``: the shards already known to be unreadable (shared by the streams of one process, or the stream's
+    own); ``found`` collects the ones this stream discovered since the loader last took them (with a chunk).
+    """
+
+    def __init__(self, spec: StreamSpec, stream: int, known: UnreadableMap | None = None) -> None:
         self.spec = spec
         self.stream = stream
         self.checksums = {s.name: s.sha256 for s in spec.manifest.shards}
@@ -111,7 +186,8 @@ class SampleStream:
         self.has_flip_copy = spec.manifest.has_flip
         self.has_text = spec.manifest.text is not None
         self.has_images = bool(spec.manifest.image_format) and spec.decode_images
-        self.corrupt: list[str] = []  # URLs skipped since the last batch
+        self.known: UnreadableMap = {} if known is None else known
+        self.found: list[Unreadable] = []  # discovered since the last chunk was handed out
         self._fetcher: ThreadPoolExecutor | None = None
         self._fetches: dict[str, Future[bytes]] = {}
 
@@ -125,29 +201,44 @@ class SampleStream:
                              "sha256 does not match the manifest (corrupt or truncated shard)")
         return data
 
-    def _fetch(self, name: str) -> Future[bytes]:
+    def _future(self, name: str) -> Future[bytes]:
+        """The background read of ``name`` (started now unless it already was)."""
         if name not in self._fetches:
             if self._fetcher is None:
                 self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-fetch")
             self._fetches[name] = self._fetcher.submit(self._read_and_verify, name)
         return self._fetches[name]
 
-    def _load_shard(self, name: str) -> Block | None:
+    def _fetch(self, name: str) -> None:
+        """Prefetch ``name`` unless it is known to be unreadable."""
+        if name not in self.known:
+            self._future(name)
+
+    def _load_shard(self, name: str, count: int) -> Block | None:
+        """The shard's samples, or None when it is unreadable (recorded; ``on_error="raise"``: raised)."""
+        if name in self.known:
+            self._fetches.pop(name, None)
+            return None
         url = self.spec.storage.url_of(name)
         try:
-            block = decode_shard(self._fetch(name).result(), url)
-            self._check_fields(block, url)
+            block = decode_shard(self._future(name).result(), url)
+            self._check_block(block, url, count)
             return block
         except (ShardError, FileNotFoundError) as error:
             if self.spec.on_error == "raise":
                 raise
-            log.warning("skipping shard %s: %s", url, error)  # the loader also warns when it hands out the batch
-            self.corrupt.append(url)
+            self._record(Unreadable(name, unreadable_kind(error), describe(error)))
             return None
         finally:
             self._fetches.pop(name, None)
 
-    def _check_fields(self, block: Block, url: str) -> None:
+    def _record(self, record: Unreadable) -> None:
+        if record.name not in self.known:
+            self.known[record.name] = record
+            self.found.append(record)
+
+    def _check_block(self, block: Block, url: str, count: int) -> None:
+        """The fields and the sample count the manifest promises (:class:`ShardError` otherwise)."""
         for name, meta in self.fields.items():
             if name not in block.arrays:
                 raise ShardError(url, f"field {name!r} listed in the manifest is missing")
@@ -155,16 +246,38 @@ class SampleStream:
             if list(array.shape[1:]) != list(meta["shape"]) or str(array.dtype) != meta["dtype"]:
                 raise ShardError(url, f"field {name!r} is {array.dtype}{list(array.shape[1:])}, manifest says "
                                       f"{meta['dtype']}{meta['shape']}")
+        if len(block) != count:
+            raise ShardError(url, f"holds {len(block)} samples, the manifest says {count}")
 
-    def _load_window(self, window: list[tuple[str, int]], upcoming: list[str]) -> Block:
-        for name, _ in window:
-            self._fetch(name)
+    def _resolve(self, order: list[tuple[str, int]], slot: Slot) -> Block:
+        """The samples of ``slot``: its shard, or when that is unreadable the first readable shard of the slots
+        after it (mod n) in the same epoch permutation; :class:`NoReadableShardError` when there is none."""
+        for step in range(len(order)):
+            name, count = order[(slot.position + step) % len(order)]
+            block = self._load_shard(name, count)
+            if block is not None:
+                return block
+        raise self._no_readable(order)
+
+    def _no_readable(self, order: list[tuple[str, int]]) -> NoReadableShardError:
+        kinds = [self.known[name].kind for name, _ in order if name in self.known]
+        return NoReadableShardError(self.spec.url or self.spec.storage.url, kinds.count("corrupt"),
+                                    kinds.count("missing"))
+
+    def _load_window(self, order: list[tuple[str, int]], window: list[Slot], upcoming: list[str]) -> Block:
+        for slot in window:
+            self._fetch(slot.name)
         for name in upcoming[: self.spec.prefetch_shards]:
             self._fetch(name)
-        blocks = [b for b in (self._load_shard(name) for name, _ in window) if b is not None and len(b)]
-        if not blocks:
-            return Block(keys=[])
+        blocks = [self._resolve(order, slot) for slot in window]
         return blocks[0] if len(blocks) == 1 else concat_blocks(blocks)
+
+    def _upcoming(self, epoch: int, windows: list[list[Slot]], window_index: int) -> list[str]:
+        """Shards of the windows after ``window_index`` (into the next epoch when few are left), for prefetch."""
+        upcoming = [slot.name for w in windows[window_index + 1 :] for slot in w if slot.name not in self.known]
+        if len(upcoming) < self.spec.prefetch_shards:
+            upcoming += [slot.name for w in stream_windows(self.spec, epoch + 1, self.stream) for slot in w]
+        return upcoming
 
     # -- batches ---------------------------------------------------------------------------------------
     def batches(self, start: Position) -> Iterator[tuple[dict[str, Any], Position]]:
@@ -173,32 +286,27 @@ class SampleStream:
         epoch, window_index, offset, batch_index = start.epoch, start.window, start.offset, start.batches
         pieces: list[tuple[Block, np.ndarray, np.ndarray | None]] = []
         needed = spec.chunk_size
-        empty_epochs = 0
         while True:
-            windows = stream_windows(spec, epoch, self.stream)
+            order = epoch_order(spec, epoch)
+            windows = stream_windows(spec, epoch, self.stream, order)
             if not windows:
                 raise ValueError(f"stream {self.stream}: no shards in epoch {epoch}")
-            produced_this_epoch = False
             while window_index < len(windows):
-                upcoming = [n for w in windows[window_index + 1 :] for n, _ in w]
-                if len(upcoming) < spec.prefetch_shards:
-                    upcoming += [n for w in stream_windows(spec, epoch + 1, self.stream) for n, _ in w]
-                block = self._load_window(windows[window_index], upcoming)
+                block = self._load_window(order, windows[window_index], self._upcoming(epoch, windows, window_index))
                 count = len(block)
                 if spec.shuffle_buffer > 0:
-                    order = np.random.default_rng(
+                    permutation = np.random.default_rng(
                         derive_seed(spec.seed, epoch, self.stream, window_index)).permutation(count)
                 else:
-                    order = np.arange(count)
+                    permutation = np.arange(count)
                 caption_offsets = None
                 if self.has_text and count:
                     caption_offsets = np.concatenate([[0], np.cumsum(block.arrays["caption_counts"])])
                 while offset < count:
                     take = min(needed, count - offset)
-                    pieces.append((block, order[offset : offset + take], caption_offsets))
+                    pieces.append((block, permutation[offset : offset + take], caption_offsets))
                     offset += take
                     needed -= take
-                    produced_this_epoch = True
                     if needed == 0:
                         next_position = Position(epoch, window_index, offset, batch_index + 1)
                         if offset >= count:
@@ -209,9 +317,6 @@ class SampleStream:
                 window_index += 1
                 offset = 0
             epoch, window_index, offset = epoch + 1, 0, 0
-            empty_epochs = 0 if produced_this_epoch else empty_epochs + 1
-            if empty_epochs >= 2:
-                raise RuntimeError(f"stream {self.stream}: no readable shards (skipped: {self.corrupt[:5]})")
 
     @staticmethod
     def _advance(position: Position, num_windows: int) -> Position:

@@ -1,5 +1,5 @@
-"""ShardLoader: stream/rank/worker splits, exact resume on any world size, corrupt shards, latent sampling and
-flips."""
+"""ShardLoader: stream/rank/worker splits, exact resume on any world size, unreadable (corrupt, missing) shards,
+latent sampling and flips."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import torch
 from deepflow.data_pipeline.arrays import write_array_dataset
 from deepflow.data_pipeline.loader import ShardLoader
 from deepflow.data_pipeline.shards import ShardError, decode_shard
+from deepflow.data_pipeline.stream import NoReadableShardError
+from deepflow.errors import UserError
 
 
 def take_keys(loader: ShardLoader, count: int) -> list[str]:
@@ -147,47 +149,136 @@ def test_the_global_batch_does_not_depend_on_ranks_or_workers_and_resumes_on_ano
         ShardLoader(digits_dataset, batch_size=16, rank=0, world_size=3, streams=4)
 
 
-def corrupt_copy(source: str, destination: Path, how: str) -> tuple[str, str, set[str]]:
-    """Copy the dataset and damage its fourth shard; returns (url, shard name, keys the shard held)."""
-    shutil.copytree(source, destination)
-    manifest = json.loads((destination / "manifest.json").read_text())
-    victim = manifest["shards"][3]["name"]
-    path = destination / victim
-    victim_keys = set(decode_shard(path.read_bytes(), victim).keys)
+def damage(path: Path, how: str) -> None:
+    """Make a shard unreadable: ``truncate`` (first half kept), ``garble`` (64 bytes overwritten) or ``delete``."""
+    if how == "delete":
+        path.unlink()
+        return
     data = bytearray(path.read_bytes())
     if how == "truncate":
         data = data[: len(data) // 2]
     else:
         data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64
     path.write_bytes(bytes(data))
+
+
+def corrupt_copy(source: str, destination: Path, how: str) -> tuple[str, str, set[str]]:
+    """Copy the dataset and damage its fourth shard; returns (url, shard name, keys the shard held)."""
+    shutil.copytree(source, destination)
+    manifest = json.loads((destination / "manifest.json").read_text())
+    victim = manifest["shards"][3]["name"]
+    victim_keys = set(decode_shard((destination / victim).read_bytes(), victim).keys)
+    damage(destination / victim, how)
     return str(destination), victim, victim_keys
 
 
-@pytest.mark.parametrize("how", ["truncate", "garble"])
-def test_corrupt_shard_is_skipped_and_reported(digits_dataset: str, tmp_path: Path, how: str) -> None:
+def skip_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "skipping" in r.getMessage() and "shard" in r.getMessage()]
+
+
+@pytest.mark.parametrize(("how", "kind"), [("truncate", "corrupt"), ("garble", "corrupt"), ("delete", "missing")])
+def test_an_unreadable_shard_is_replaced_counted_and_named_once(
+    digits_dataset: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str, kind: str,
+) -> None:
+    """16 streams of one shard each: the stream whose shard is unreadable reads a readable one in its place (the
+    run goes on); every readable sample is read, the shard is logged once and counted once over three epochs,
+    and the state names it."""
     url, victim, victim_keys = corrupt_copy(digits_dataset, tmp_path / "ds", how)
-    lost = len(victim_keys)
-    loader = ShardLoader(url, batch_size=100, with_keys=True, shuffle_buffer=0)
-    with pytest.warns(RuntimeWarning, match=victim):
-        keys = take_keys(loader, 1797 - lost)
-    assert len(set(keys)) == 1797 - lost  # the epoch holds every other sample exactly once
-    assert loader.stats["num_corrupt_shards"] == 1 and loader.stats["corrupt_shards"][0].endswith(victim)
-    skipped = [url for entry in loader.state_dict()["streams"].values() for url in entry["skipped"]]
-    assert skipped == loader.stats["corrupt_shards"]
-    loader.close()
-    threaded = ShardLoader(url, batch_size=100, with_keys=True, num_workers=2)
-    with pytest.warns(RuntimeWarning, match=victim):  # raised in the consumer thread
-        keys = take_keys(threaded, 3000)
-    assert threaded.stats["corrupt_shards"] == loader.stats["corrupt_shards"]
-    assert threaded.stats["corrupt_skips"] >= 1
+    loader = ShardLoader(url, batch_size=96, streams=16, shuffle_buffer=0, with_keys=True)
+    with caplog.at_level("WARNING", logger="deepflow.data_pipeline"):
+        keys = take_keys(loader, 3 * 1797)
     assert not set(keys) & victim_keys
-    assert len(set(keys)) == 1797 - lost
-    threaded.close()
-    strict = ShardLoader(url, batch_size=100, on_error="raise", shuffle_buffer=0)
-    with pytest.raises(ShardError, match=victim):
-        take_keys_strict = iter(strict)
-        for _ in range(20):
-            next(take_keys_strict)
+    assert len(set(keys)) == 1797 - len(victim_keys)  # every readable sample, no other
+    messages = skip_messages(caplog)
+    assert len(messages) == 1 and victim in messages[0] and kind in messages[0], messages
+    assert loader.stats["num_unreadable_shards"] == 1 and loader.stats["unreadable_shards"][0].endswith(victim)
+    recorded = [record for entry in loader.state_dict()["streams"].values() for record in entry["unreadable"]]
+    assert [(r["name"], r["kind"]) for r in recorded] == [(victim, kind)]
+    loader.close()
+
+
+def _with_a_missing_shard(source: str, destination: Path) -> str:
+    shutil.copytree(source, destination)
+    names = [s["name"] for s in json.loads((destination / "manifest.json").read_text())["shards"]]
+    (destination / names[5]).unlink()
+    return str(destination)
+
+
+def test_order_with_an_unreadable_shard_does_not_depend_on_ranks_workers_or_resume(
+    digits_dataset: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """8 streams of 2 shards, one missing: 1 rank, 2 ranks, 3 reader threads and 2 worker processes give the same
+    chunks over 2+ epochs; a 2-rank state after 20 steps continues on 1 rank with the shard known (not read
+    again, not logged again) and the same chunks."""
+    url = _with_a_missing_shard(digits_dataset, tmp_path / "ds")
+
+    def loaders(world: int, workers: int, mode: str = "thread") -> list[ShardLoader]:
+        return [ShardLoader(url, batch_size=48 // world, rank=r, world_size=world, num_workers=workers, streams=8,
+                            shuffle_buffer=150, seed=5, with_keys=True, worker_mode=mode) for r in range(world)]
+
+    def steps(group: list[ShardLoader], count: int) -> list[dict[int, tuple]]:
+        iterators = [iter(loader) for loader in group]
+        out = []
+        for _ in range(count):
+            merged: dict[int, tuple] = {}
+            for iterator in iterators:
+                merged.update(_chunks_by_stream(next(iterator), 6))
+            out.append(merged)
+        return out
+
+    reference_group = loaders(1, 0)
+    reference = steps(reference_group, 80)  # > 2 epochs (about 35 steps each)
+    assert reference_group[0].stats["num_unreadable_shards"] == 1
+    for group in (loaders(2, 0), loaders(1, 3), loaders(2, 2, "process")):
+        for got, expected in zip(steps(group, 80), reference):
+            _assert_same_chunks(got, expected)
+        assert len({name for loader in group for name in loader.unreadable}) == 1
+        for loader in group:
+            loader.close()
+    two = loaders(2, 1)
+    steps(two, 20)
+    state = json.loads(json.dumps(ShardLoader.merge_states([loader.state_dict() for loader in two])))
+    one = loaders(1, 2)
+    one[0].load_state_dict(state)
+    assert len(one[0].unreadable) == 1  # known from the state: not read again
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="deepflow.data_pipeline"):
+        after = steps(one, 40)
+    assert not skip_messages(caplog)
+    for got, expected in zip(after, reference[20:60]):
+        _assert_same_chunks(got, expected)
+    for loader in [*reference_group, *two, *one]:
+        loader.close()
+
+
+@pytest.mark.parametrize(("num_workers", "worker_mode"), [(0, "thread"), (2, "thread"), (2, "process")])
+def test_no_readable_shard_is_one_user_error_from_any_reader(
+    digits_dataset: str, tmp_path: Path, num_workers: int, worker_mode: str,
+) -> None:
+    shutil.copytree(digits_dataset, tmp_path / "ds")
+    names = [s["name"] for s in json.loads((tmp_path / "ds" / "manifest.json").read_text())["shards"]]
+    for index, name in enumerate(names):
+        damage(tmp_path / "ds" / name, ("delete", "truncate", "garble")[index % 3])
+    missing = len(names[::3])
+    loader = ShardLoader(str(tmp_path / "ds"), batch_size=16, streams=4, num_workers=num_workers,
+                         worker_mode=worker_mode)
+    with pytest.raises(NoReadableShardError) as raised:
+        next(iter(loader))
+    loader.close()
+    assert isinstance(raised.value, UserError)
+    assert str(raised.value) == (f"data.url: {tmp_path / 'ds'}: no readable shard "
+                                 f"({len(names) - missing} corrupt, {missing} missing)")
+
+
+@pytest.mark.parametrize(("how", "error", "worker_mode"), [("garble", ShardError, "process"),
+                                                           ("delete", FileNotFoundError, "thread")])
+def test_on_error_raise_stops_at_the_first_unreadable_shard(
+    digits_dataset: str, tmp_path: Path, how: str, error: type[Exception], worker_mode: str,
+) -> None:
+    url, victim, _ = corrupt_copy(digits_dataset, tmp_path / "ds", how)
+    strict = ShardLoader(url, batch_size=64, streams=16, on_error="raise", num_workers=2, worker_mode=worker_mode)
+    with pytest.raises(error, match=victim):  # type and message intact across the reader boundary
+        next(iter(strict))
     strict.close()
 
 

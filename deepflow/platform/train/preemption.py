@@ -1,5 +1,6 @@
 """SIGTERM (a Kubernetes preemption, ``kill``) as a flag the training loop polls: the current step finishes, every
-rank agrees through the step's all-reduce, a checkpoint is committed and the run returns (exit 0).
+rank agrees through the step's all-reduce, a checkpoint is committed and the run returns: the training process exits
+0, and under the Kubernetes pod supervisor the pod exits 75 (:mod:`deepflow.platform.train.pod_supervisor`).
 
 Installed by ``jobs/train.py`` before anything slow (imports of torch, the process group, the dataset), so a
 preemption during start-up is not lost: the run then stops after its first step, with a checkpoint.

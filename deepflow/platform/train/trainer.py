@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from deepflow.artifacts import ModelCard, write_export
+from deepflow.errors import USER_ERRORS, UserError
 from deepflow.models import DeepFlowDiT, DeepFlowMMDiT
 from deepflow.models.conditions import condition_from_batch
 from deepflow.models.flow import FlowDraws, gap_sign
@@ -76,6 +77,10 @@ __all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "train", "train_flops
 
 #: the stream id whose generator draws a micro-step's gap sign (real streams are 0 .. data.streams - 1)
 GAP_SIGN_STREAM = 2**31 - 1
+
+
+class DataStopError(UserError):
+    """Another rank met an unreadable shard under ``data.on_error: raise`` (that rank's error names it)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -195,6 +200,7 @@ class Trainer:
         self.step = 0
         self.consecutive_nonfinite = 0
         self.skipped: list[int] = []
+        self._unreadable_counts = (0.0, 0.0)  # (summed per-rank counts, distinct count): _distinct_unreadable_shards
 
     # ----------------------------------------------------------------------------------------- state
     def _rank_state(self) -> dict[str, Any]:
@@ -289,6 +295,38 @@ class Trainer:
         nonfinite_any, stop_any = flags.tolist()
         return nonfinite_any > 0, stop_any > 0
 
+    def _next_batch(self, data_iter: Any) -> dict[str, Any]:
+        """The next batch. With ``data.on_error: raise`` on several ranks, the ranks first agree (one small
+        all-reduce per micro-step, only in that mode) that every one has its batch, so an unreadable shard met by
+        one rank stops every rank with one error line instead of leaving the others waiting in a collective
+        (under ``skip`` a shard never stops the run, and "no readable shard" is met by every rank at once)."""
+        if not (self.ctx.distributed and self.cfg.data.on_error == "raise"):
+            return next(data_iter)
+        failure: BaseException | None = None
+        try:
+            batch = next(data_iter)
+        except USER_ERRORS as error:  # ShardError, FileNotFoundError: this rank's error line names the shard
+            failure = error
+        flag = torch.tensor([float(failure is not None)], device=self._flag_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if failure is not None:
+            raise failure
+        if flag.item() > 0:
+            raise DataStopError("data.url: another rank met an unreadable shard and stopped the run "
+                                "(data.on_error: raise; its error line names the shard)")
+        return batch
+
+    def _distinct_unreadable_shards(self, summed: float) -> float:
+        """Collective when ``summed`` (the ranks' counts of ``loader.unreadable``, added up) changed since the last
+        call: the number of distinct unreadable shards over all ranks (one all_gather of their names)."""
+        if not self.ctx.distributed:
+            return summed
+        if summed != self._unreadable_counts[0]:
+            gathered: list[Any] = [None] * self.ctx.world_size
+            dist.all_gather_object(gathered, sorted(self.loader.unreadable))
+            self._unreadable_counts = (summed, float(len({name for names in gathered for name in names})))
+        return self._unreadable_counts[1]
+
     def _reduce_over_ranks(self, means: dict[str, float], sums: dict[str, float]) -> dict[str, float]:
         """One all-reduce: ``means`` averaged over ranks, ``sums`` added up."""
         values = {**means, **sums}
@@ -322,7 +360,7 @@ class Trainer:
         nonfinite = stop = False
         for micro in range(accumulation):
             wait_start = time.perf_counter()
-            batch = next(data_iter)
+            batch = self._next_batch(data_iter)
             x = batch["x"].to(self.ctx.device, non_blocking=True)
             # labels [B] for class models; {"text_emb", "text_mask", "text_pooled"} for caption datasets
             y = condition_from_batch(batch, self.ctx.device)
@@ -446,8 +484,9 @@ class Trainer:
         local_terms = {f"loss/{k}": v / count for k, v in window["sums"].items()}
         is_log_step = self.step % cfg.schedule.log_every == 0 or self.step == cfg.schedule.total_steps
         if is_log_step:
-            # data/skipped_shards: shard skips of all streams so far (a corrupt shard counts once per epoch)
-            terms = self._reduce_over_ranks(local_terms, {"data/skipped_shards": float(self.loader.corrupt_skips)})
+            # data/skipped_shards: distinct unreadable shards met so far by the streams of all ranks (each once)
+            terms = self._reduce_over_ranks(local_terms, {"data/skipped_shards": float(len(self.loader.unreadable))})
+            terms["data/skipped_shards"] = self._distinct_unreadable_shards(terms["data/skipped_shards"])
             images_per_s = steps * cfg.data.global_batch_size / elapsed
             tflops = images_per_s * self.flops_per_image / self.ctx.world_size / 1e12
             scalars = dict(terms)
@@ -525,8 +564,9 @@ def _train(cfg: RunConfig, local_rank_arg: int | None, preempt: PreemptionHandle
         seed_everything(cfg.run.seed, ctx.rank)
         trainer = Trainer(cfg, ctx)
         result = trainer.run(preempt)
-    except ConfigError:
-        # every rank found the same mistake (same config, same files): leave without a collective
+    except USER_ERRORS:
+        # every rank found the same mistake (same config, same files), or the ranks agreed to stop on a data error
+        # (_next_batch): leave without a collective
         if ctx.distributed:
             dist.destroy_process_group()
         raise
