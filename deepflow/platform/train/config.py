@@ -153,7 +153,8 @@ class DataSection(_Section):
     )
     flip: bool = True
     on_error: Literal["skip", "raise"] = Field(
-        "skip", description="a corrupt or missing shard: skip it (warn, count in TensorBoard) or stop the run"
+        "skip", description="a corrupt or missing shard: skip it (named once, counted in TensorBoard; the next "
+        "readable shard of the epoch's order takes its place) or stop the run"
     )
 
     def resolved_storage_options(self) -> dict[str, Any] | None:
