@@ -39,7 +39,7 @@ from deepflow.platform.inference.conditions import ConditionPlan, sampling_plan
 from deepflow.errors import USER_ERRORS, JobArgumentParser, UserError, describe, report_user_errors
 from deepflow.platform.inference.generate import DecodeSpec, Decoder, SamplerConfig, build_model, generate
 from deepflow.platform.inference.sample_set import SampleSet
-from deepflow.precision import PRECISIONS, choose_precision
+from deepflow.precision import PRECISIONS, PrecisionChoice, choose_precision
 from deepflow.ranks import read_dist_env
 from deepflow.storage import resolve_storage_options
 
@@ -183,14 +183,12 @@ def _field(name: str) -> Iterator[None]:
         raise UserError(message) from error
 
 
-def _resolve_precision(config: SampleConfig, device: torch.device, rank: int) -> SampleConfig:
-    """``config`` with its precision resolved for ``device`` (what the fingerprint and sampling.json record)."""
-    choice = choose_precision(config.precision, device)
+def _log_precision(choice: PrecisionChoice, rank: int) -> None:
+    """Rank 0 says which precision it samples in and why (after the inputs were checked: a mistake stays one line)."""
     if rank == 0:
         log.info("precision %s", choice.describe())
         if choice.warning:
             log.warning(choice.warning)
-    return config.model_copy(update={"precision": choice.precision})
 
 
 def run_sampling(
@@ -203,10 +201,12 @@ def run_sampling(
     """Sample this rank's missing chunks; rank 0 then waits for all chunks and writes samples.npz. Nothing is
     written before the output folder, the weights, the condition plan and the decoder have been checked."""
     device = torch.device(device)
-    config = _resolve_precision(config, device, rank)
+    precision = choose_precision(config.precision, device)  # resolved: what the fingerprint and sampling.json hold
+    config = config.model_copy(update={"precision": precision.precision})
     samples = SampleSet(config.out, config.fingerprint(), config.storage_options_for(config.out))
     recorded = samples.check_settings()
     pipeline = _Pipeline.build(config, device)
+    _log_precision(precision, rank)
     if rank == 0 and not recorded:
         samples.write_settings(config.record())
     if rank == 0 and (captions := pipeline.plan.captions_of(np.arange(config.num_samples))) is not None:
