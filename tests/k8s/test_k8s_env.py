@@ -115,3 +115,61 @@ def test_the_manifest_environment_maps_to_pod_zero_as_master(tmp_path: Path) -> 
     assert "node 3/4 x 8 procs, world 32" in done.stdout
     assert "deepspeed --no_ssh" in done.stdout and "--node_rank=3" in done.stdout
     assert hostfile.read_text().startswith("deepflow-xl3t-0.deepflow-xl3t.research.svc.cluster.local slots=8\n")
+
+
+# ------------------------------------------------------------------------------------------------- elastic
+def test_elastic_indexed_job_runs_the_c10d_agent_hosted_by_pod_zero() -> None:
+    from deepflow.platform.train.pod_topology import elastic_command, elastic_launch
+
+    env = _indexed_env(0, NNODES="2:4", POD_IP="10.1.2.3")
+    topology = pod_topology(env)
+    assert (topology.node_rank, topology.num_nodes) == (0, 4)  # MAX nodes
+    elastic = elastic_launch(topology, env, join_timeout_s=120)
+    assert elastic is not None and (elastic.min_nodes, elastic.max_nodes, elastic.is_host) == (2, 4, True)
+    command = elastic_command(topology, elastic, ["jobs/train.py", "--config", "c.yaml"])
+    assert command[:7] == [
+        "torchrun", "--nnodes=2:4", "--nproc-per-node=8", "--rdzv-backend=c10d",
+        "--rdzv-endpoint=deepflow-xl3t-0.deepflow-xl3t.ml.svc.cluster.local:29500", "--rdzv-id=deepflow-xl3t",
+        "--max-restarts=100"]
+    assert command[7] == ("--rdzv-conf=join_timeout=120,last_call_timeout=30,close_timeout=60,keep_alive_interval=1,"
+                          "keep_alive_max_attempt=3,read_timeout=30,is_host=true")
+    assert command[8:] == ["--local-addr=10.1.2.3", "jobs/train.py", "--config", "c.yaml"]
+    other = _indexed_env(3, NNODES="2:4")
+    launch = elastic_launch(pod_topology(other), other)
+    assert launch is not None and launch.is_host is False
+    assert elastic_launch(pod_topology(_indexed_env(1)), _indexed_env(1)) is None  # a fixed size: not elastic
+
+
+def test_elastic_pytorchjob_reads_the_operators_variables() -> None:
+    from deepflow.platform.train.pod_topology import elastic_command, elastic_launch
+
+    env = {"PET_NNODES": "2:4", "PET_RDZV_ENDPOINT": "deepflow-xl3t-el-worker-0:29400", "PET_RDZV_BACKEND": "c10d",
+           "PET_MAX_RESTARTS": "20", "PET_NPROC_PER_NODE": "8", "PET_RDZV_ID": "xl3t"}
+    topology = pod_topology(env)
+    elastic = elastic_launch(topology, env)
+    assert elastic is not None
+    assert (elastic.min_nodes, elastic.max_nodes, elastic.max_restarts, elastic.is_host) == (2, 4, 20, None)
+    command = elastic_command(topology, elastic, ["jobs/train.py"])
+    assert "--rdzv-endpoint=deepflow-xl3t-el-worker-0:29400" in command and "--nproc-per-node=8" in command
+    assert "--rdzv-id=xl3t" in command and not any(part.startswith("--local-addr") for part in command)
+
+
+@pytest.mark.parametrize("nnodes", ["3:2", "0:2", "a:b", "1:2:3"])
+def test_bad_elastic_ranges_name_the_field(nnodes: str) -> None:
+    with pytest.raises(ValueError, match="NNODES: "):
+        pod_topology(_indexed_env(0, NNODES=nnodes))
+
+
+def test_elastic_dry_run_and_python_launcher_refused(tmp_path: Path) -> None:
+    env = {**{k: v for k, v in os.environ.items() if k not in ("NNODES", "PET_NODE_RANK", "PET_RDZV_ENDPOINT")},
+           **_indexed_env(1, MASTER_ADDR="10.0.0.1", POD_IP="10.0.0.2"), "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "deepflow.platform.train.k8s_env"]
+    run = subprocess.run([*base, "--launcher", "torchrun", "--nnodes", "2:4", "--join-timeout-s", "60", "--dry-run",
+                          "--", "jobs/train.py"], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "elastic: 2..4 nodes x 8 procs, rendezvous 10.0.0.1:29500" in run.stdout
+    assert "--nnodes=2:4" in run.stdout and "join_timeout=60" in run.stdout and "is_host=false" in run.stdout
+    refused = subprocess.run([*base, "--launcher", "python", "--nnodes", "2:4", "--", "jobs/train.py"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr == "error: --launcher: elastic training (--nnodes 2:4) needs torchrun, got python\n"

@@ -3,7 +3,8 @@ embedded configs load with the project's own loaders; the pieces that must agree
 config mounts, exit statuses and failure policies) agree.
 
 The Kubeflow PyTorchJob and the JobSet are custom resources that the core schemas do not know: the PyTorchJob's
-structure is checked here and its pod template validated as a core ``PodTemplate``; the JobSet is validated against
+structure is checked here (its ``elasticPolicy`` against the CRD's fields) and its pod template validated as a core
+``PodTemplate``; the JobSet is validated against
 the OpenAPI schema of the JobSet CRD (vendored, trimmed: ``jobset-v1alpha2.schema.json``) and each of its Job
 templates as a batch/v1 Job.
 """
@@ -23,6 +24,7 @@ import yaml
 from kubernetes_validate.utils import all_versions
 
 from deepflow.data_pipeline.config import load_config as load_precompute_config
+from deepflow.platform.train.config import check_world_sizes
 from deepflow.platform.train.config import load_config as load_run_config
 from deepflow.platform.train.pod_supervisor import PREEMPTED_EXIT_CODE
 
@@ -55,8 +57,8 @@ def _pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def test_the_expected_manifests_exist() -> None:
     names = {path.name for path in MANIFESTS}
-    assert {"train-xl3t.yaml", "train-xl3t-jobset.yaml", "train-xl3t-pytorchjob.yaml", "precompute.yaml", "eval.yaml",
-            "tensorboard.yaml"} <= names
+    assert {"train-xl3t.yaml", "train-xl3t-jobset.yaml", "train-xl3t-pytorchjob.yaml", "train-xl3t-elastic.yaml",
+            "precompute.yaml", "eval.yaml", "tensorboard.yaml"} <= names
 
 
 def test_the_installed_validator_knows_every_checked_version() -> None:
@@ -109,13 +111,51 @@ def _check_jobset(doc: dict[str, Any], version: str = K8S_VERSION) -> None:
         kubernetes_validate.validate(job, version, strict=True)
 
 
+#: spec.elasticPolicy of the PyTorchJob CRD (kubeflow/training-operator, kubeflow.org/v1 ElasticPolicy), trimmed:
+#: ``metrics`` (HPA MetricSpecs) is not used by our manifests and refused here
+ELASTIC_POLICY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "minReplicas": {"type": "integer", "format": "int32"},
+        "maxReplicas": {"type": "integer", "format": "int32"},
+        "rdzvBackend": {"type": "string", "enum": ["c10d", "etcd", "etcd-v2"]},
+        "rdzvPort": {"type": "integer", "format": "int32"},
+        "rdzvHost": {"type": "string"},
+        "rdzvId": {"type": "string"},
+        "rdzvConf": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"key": {"type": "string"}, "value": {"type": "string"}},
+        }},
+        "standalone": {"type": "boolean"},
+        "nProcPerNode": {"type": "integer", "format": "int32"},
+        "maxRestarts": {"type": "integer", "format": "int32"},
+    },
+}
+
+
+def _check_elastic_policy(spec: dict[str, Any]) -> None:
+    """elasticPolicy against the CRD's fields, and the operator's own rules: min <= max, the Worker replicas within
+    them, no Master (the rendezvous is on worker 0), nprocPerNode in one place only."""
+    policy = spec["elasticPolicy"]
+    errors = list(jsonschema.Draft7Validator(ELASTIC_POLICY_SCHEMA).iter_errors(policy))
+    assert not errors, [e.message for e in errors]
+    assert 1 <= policy["minReplicas"] <= policy["maxReplicas"]
+    assert set(spec["pytorchReplicaSpecs"]) == {"Worker"}
+    assert policy["minReplicas"] <= spec["pytorchReplicaSpecs"]["Worker"]["replicas"] <= policy["maxReplicas"]
+    assert not ("nProcPerNode" in policy and "nprocPerNode" in spec)
+
+
 def _check_pytorchjob(doc: dict[str, Any], version: str = K8S_VERSION) -> None:
     assert doc["apiVersion"] == "kubeflow.org/v1"
     spec = doc["spec"]
     assert set(spec) <= {"pytorchReplicaSpecs", "runPolicy", "nprocPerNode", "elasticPolicy"}
     assert str(spec["nprocPerNode"]).isdigit() or spec["nprocPerNode"] in ("auto", "cpu", "gpu")
     replicas = spec["pytorchReplicaSpecs"]
-    assert set(replicas) <= {"Master", "Worker"} and replicas["Master"]["replicas"] == 1
+    if "elasticPolicy" in spec:
+        _check_elastic_policy(spec)
+    else:
+        assert set(replicas) <= {"Master", "Worker"} and replicas["Master"]["replicas"] == 1
     for replica in replicas.values():
         assert set(replica) <= {"replicas", "restartPolicy", "template"}
         assert replica["restartPolicy"] in ("Always", "OnFailure", "Never", "ExitCode")
@@ -159,7 +199,8 @@ def _write_configmap_files(path: Path, tmp_path: Path) -> dict[str, Path]:
     return files
 
 
-@pytest.mark.parametrize("name", ["train-xl3t.yaml", "train-xl3t-jobset.yaml", "train-xl3t-pytorchjob.yaml"])
+@pytest.mark.parametrize("name", ["train-xl3t.yaml", "train-xl3t-jobset.yaml", "train-xl3t-pytorchjob.yaml",
+                                  "train-xl3t-elastic.yaml"])
 def test_embedded_run_config_loads_with_the_project_loader(name: str, tmp_path: Path) -> None:
     files = _write_configmap_files(K8S_DIR / name, tmp_path)
     config = load_run_config(files["run.yaml"])
@@ -176,6 +217,65 @@ def test_embedded_run_config_loads_with_the_project_loader(name: str, tmp_path: 
         world = int(job["spec"]["nprocPerNode"]) * sum(
             r["replicas"] for r in job["spec"]["pytorchReplicaSpecs"].values())
     assert config.per_rank_batch_size(world) * world == config.data.global_batch_size
+    if name == "train-xl3t-elastic.yaml":
+        check_world_sizes(config, _elastic_world_sizes(_by_kind(K8S_DIR / name, "PyTorchJob")))
+
+
+def _elastic_world_sizes(job: dict[str, Any]) -> list[int]:
+    policy = job["spec"]["elasticPolicy"]
+    return [n * int(job["spec"]["nprocPerNode"]) for n in range(policy["minReplicas"], policy["maxReplicas"] + 1)]
+
+
+def test_elastic_pytorchjob_pieces_agree(tmp_path: Path) -> None:
+    """The elastic job: torchrun's elastic agent through k8s_env (tini, non-root), the shared store disabled, the pod
+    IP advertised, bounded rendezvous waits, a grace period above the agent's 30 s, and an automatic stream count
+    that every world size of the range divides (as jobs/train.py resolves it for a 1,282-shard dataset)."""
+    from deepflow.artifacts import Manifest, ShardEntry
+    from deepflow.platform.train.config import resolve_model_for_dataset
+    from deepflow.platform.train.pod_topology import elastic_command, elastic_launch, pod_topology
+
+    path = K8S_DIR / "train-xl3t-elastic.yaml"
+    job = _by_kind(path, "PyTorchJob")
+    policy, worker = job["spec"]["elasticPolicy"], job["spec"]["pytorchReplicaSpecs"]["Worker"]
+    assert policy["rdzvBackend"] == "c10d" and policy["maxRestarts"] > 0
+    assert policy["minReplicas"] < policy["maxReplicas"]
+    assert worker["restartPolicy"] == "OnFailure"
+    pod = worker["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > 30
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"]["value"] == "1"
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    command = container["command"]
+    assert command[:7] == ["tini", "--", "python", "-m", "deepflow.platform.train.k8s_env", "--launcher", "torchrun"]
+    assert "--local-addr=$(POD_IP)" in command
+    assert {p["containerPort"] for p in container["ports"]} == {policy["rdzvPort"]}
+    # what the operator sets -> the torchrun command k8s_env runs
+    operator_env = {"PET_NNODES": f"{policy['minReplicas']}:{policy['maxReplicas']}",
+                    "PET_RDZV_ENDPOINT": f"{job['metadata']['name']}-worker-0:{policy['rdzvPort']}",
+                    "PET_RDZV_BACKEND": "c10d", "PET_MAX_RESTARTS": str(policy["maxRestarts"]),
+                    "PET_NPROC_PER_NODE": job["spec"]["nprocPerNode"], "POD_IP": "10.0.0.5"}
+    topology = pod_topology(operator_env)
+    timeout = int(command[command.index("--join-timeout-s") + 1])
+    elastic = elastic_launch(topology, operator_env, join_timeout_s=timeout)
+    assert elastic is not None
+    torchrun = elastic_command(topology, elastic, command[command.index("--") + 1:])
+    assert torchrun[:4] == ["torchrun", "--nnodes=2:4", "--nproc-per-node=8", "--rdzv-backend=c10d"]
+    assert f"--rdzv-endpoint=deepflow-xl3t-el-worker-0:{policy['rdzvPort']}" in torchrun
+    assert "--local-addr=10.0.0.5" in torchrun and f"join_timeout={timeout}" in " ".join(torchrun)
+    config = load_run_config(_write_configmap_files(path, tmp_path)["run.yaml"])
+    assert pod["volumes"][1]["configMap"]["name"] == _by_kind(path, "ConfigMap")["metadata"]["name"]
+    manifest = Manifest(kind="vae", shape=[4, 32, 32], num_classes=1000,
+                        shards=[ShardEntry(name=f"s{i}.tar", num_samples=1000) for i in range(1282)])
+    resolved = resolve_model_for_dataset(config, manifest, _elastic_world_sizes(job))
+    assert all(resolved.data.streams % size == 0 for size in _elastic_world_sizes(job)), resolved.data.streams
+
+
+def test_elastic_policy_schema_rejects_a_misspelled_field() -> None:
+    job = copy.deepcopy(_by_kind(K8S_DIR / "train-xl3t-elastic.yaml", "PyTorchJob"))
+    job["spec"]["elasticPolicy"]["minReplica"] = 1  # typo of "minReplicas"
+    with pytest.raises(AssertionError):
+        _check_pytorchjob(job)
 
 
 def test_embedded_precompute_config_loads_and_matches_the_job(tmp_path: Path) -> None:

@@ -231,3 +231,31 @@ def test_the_training_job_reports_its_end(tmp_path: Path, monkeypatch: pytest.Mo
     assert capsys.readouterr().err.startswith("error: ")
     monkeypatch.delenv(STATUS_DIR_ENV)
     assert RankStatusFile.from_environ() is None  # outside a supervisor, nothing is written
+
+
+def test_elastic_traceback_filter_turns_a_rendezvous_timeout_into_nothing_and_keeps_the_rest() -> None:
+    import io
+
+    from deepflow.platform.train.pod_supervisor import TracebackFilter
+
+    out = io.StringIO()
+    lines = ["step 3 loss 1.0\n", "Traceback (most recent call last):\n", '  File "run.py", line 1, in <module>\n',
+             "    raise RendezvousTimeoutError\n", "torch.distributed.elastic.rendezvous.api.RendezvousTimeoutError\n"]
+    other = ["Traceback (most recent call last):\n", '  File "x.py", line 2, in f\n', "RuntimeError: boom\n", "next\n"]
+    filtered = TracebackFilter(out)
+    for line in lines + other:
+        filtered.feed(line)
+    filtered.flush()
+    assert filtered.timed_out
+    assert out.getvalue() == "step 3 loss 1.0\n" + "".join(other)
+
+
+def test_a_preempted_rank_exits_75_under_a_restartable_elastic_agent_only() -> None:
+    """Exit 0 would tell the other agents that the job is finished; 75 makes them continue without this node."""
+    from deepflow.platform.train.distributed import ElasticRange
+    from deepflow.platform.train.job import stopped_exit_status
+
+    assert stopped_exit_status(ElasticRange(2, 3, 1, 0)) == PREEMPTED_EXIT_CODE == 75
+    assert stopped_exit_status(ElasticRange(2, 2, 8, 3)) == 75  # fixed size, but restartable
+    assert stopped_exit_status(ElasticRange(1, 1, 2, 0)) == 0  # torchrun --standalone / --nnodes N
+    assert stopped_exit_status(None) == 0  # python, deepspeed, the pod supervisor's python launcher

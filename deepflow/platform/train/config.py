@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import difflib
 import io
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -49,6 +51,7 @@ __all__ = [
     "is_remote_url",
     "storage_options_for",
     "resolve_model_for_dataset",
+    "check_world_sizes",
     "ConfigChange",
     "RESUME_FIXED_FIELDS",
     "RESUME_FREE_FIELDS",
@@ -492,7 +495,8 @@ def _check_key_layers(key_layers: Any, depth: int, k: int) -> None:
                          f"ending with the depth ({depth})") from None
 
 
-def resolve_model_for_dataset(cfg: RunConfig, manifest: Manifest | None) -> RunConfig:
+def resolve_model_for_dataset(cfg: RunConfig, manifest: Manifest | None,
+                              world_sizes: Sequence[int] = ()) -> RunConfig:
     """Check the model against the dataset's manifest and fill what the dataset decides; return the updated config.
 
     Every model: ``model.in_channels`` / ``model.input_size`` must equal the manifest's ``shape`` [C,H,W] (VAE
@@ -502,6 +506,10 @@ def resolve_model_for_dataset(cfg: RunConfig, manifest: Manifest | None) -> RunC
     ``text.pooled_dim`` when unset and must equal them when set; ``max_text_length`` (FLOP count only) is filled
     from ``text.max_length``. Every mismatch is a :class:`ConfigError` naming the field. A config without a
     manifest is returned unchanged.
+
+    ``world_sizes``: every world size an elastic run can take (``torchrun --nnodes MIN:MAX``: n * nproc for n in
+    [MIN, MAX]; empty for a fixed-size run): each must divide the global batch (with the accumulation) and
+    ``data.streams``, and an automatic stream count is chosen among the numbers they all divide.
     """
     if manifest is None:
         return cfg
@@ -511,8 +519,35 @@ def resolve_model_for_dataset(cfg: RunConfig, manifest: Manifest | None) -> RunC
     else:
         _check_class_dataset(cfg, manifest)
     _check_sample_shape(cfg, manifest)
-    updated.data.streams = _resolve_streams(cfg, manifest)
+    check_world_sizes(cfg, world_sizes)
+    updated.data.streams = _resolve_streams(cfg, manifest, world_sizes)
+    check_world_sizes(updated, world_sizes)
     return updated
+
+
+def check_world_sizes(cfg: RunConfig, world_sizes: Sequence[int]) -> None:
+    """Every world size in ``world_sizes`` splits the micro-step batch (``data.global_batch_size``) and a fixed
+    ``data.streams``; otherwise one :class:`ConfigError` naming the field and the sizes that do not divide."""
+    sizes = sorted(set(world_sizes))
+    micro = cfg.micro_batch_size
+    bad = [n for n in sizes if cfg.data.global_batch_size % (n * cfg.schedule.grad_accumulation)]
+    if bad:
+        raise ConfigError(
+            f"data.global_batch_size: {cfg.data.global_batch_size} (x schedule.grad_accumulation "
+            f"{cfg.schedule.grad_accumulation}) cannot be split over world size(s) {_sizes(bad)} of the elastic "
+            f"range {_sizes(sizes)}; use a multiple of {math.lcm(*sizes) * cfg.schedule.grad_accumulation}"
+        )
+    streams = cfg.data.streams
+    bad = [n for n in sizes if streams and streams % n]
+    if bad:
+        raise ConfigError(
+            f"data.streams: {streams} streams cannot be split over world size(s) {_sizes(bad)} of the elastic range "
+            f"{_sizes(sizes)}; use a multiple of {math.lcm(*sizes)} that divides {micro}, or 0 (automatic)"
+        )
+
+
+def _sizes(sizes: Sequence[int]) -> str:
+    return ", ".join(map(str, sizes))
 
 
 #: auto ``data.streams``: the shard counts of the streams may differ by at most this fraction (a stream with fewer
@@ -525,10 +560,11 @@ def _balanced(shards: int, streams: int) -> bool:
     return shards % streams == 0 or shards // streams >= round(1 / STREAM_IMBALANCE)
 
 
-def _resolve_streams(cfg: RunConfig, manifest: Manifest) -> int:
+def _resolve_streams(cfg: RunConfig, manifest: Manifest, world_sizes: Sequence[int] = ()) -> int:
     """``data.streams``, or when 0 the largest divisor of the micro-step batch (global batch / accumulation) that
     splits the dataset's non-empty shards evenly (within :data:`STREAM_IMBALANCE`), so that every sample is drawn
-    equally often and the run resumes on any number of ranks that divides it."""
+    equally often and the run resumes on any number of ranks that divides it; with ``world_sizes`` (an elastic
+    run), the largest such number that every one of them divides."""
     micro = cfg.micro_batch_size
     shards = sum(1 for shard in manifest.shards if int(shard.num_samples) > 0)
     streams = cfg.data.streams
@@ -540,7 +576,16 @@ def _resolve_streams(cfg: RunConfig, manifest: Manifest) -> int:
             raise ConfigError(f"data.streams: {streams} streams need as many non-empty shards, but data.url="
                               f"{cfg.data.url} has {shards}; use fewer streams or precompute smaller shards")
         return streams
-    return max(n for n in range(1, micro + 1) if micro % n == 0 and n <= max(shards, 1) and _balanced(shards, n))
+    unit = math.lcm(1, *world_sizes)
+    choices = [n for n in range(unit, micro + 1, unit)
+               if micro % n == 0 and n <= max(shards, 1) and _balanced(shards, n)]
+    if not choices:
+        raise ConfigError(
+            f"data.streams: no automatic stream count suits every world size of the elastic range "
+            f"({_sizes(sorted(set(world_sizes)))}: a multiple of {unit}) with {shards} non-empty shards in "
+            f"data.url={cfg.data.url}; precompute more (smaller) shards or narrow the range"
+        )
+    return max(choices)
 
 
 def _dataset_words(cfg: RunConfig, manifest: Manifest) -> str:

@@ -2,12 +2,17 @@
 
 The launch environment is read once into a :class:`deepflow.ranks.DistEnv` (torchrun, the DeepSpeed launcher,
 Kubernetes Indexed Jobs, or a single process that needs no process group at all).
+
+Elastic runs (``torchrun --nnodes MIN:MAX ... --max-restarts R``): :func:`elastic_range` reads the agent's node range,
+from which the config check derives every world size the run can take; :func:`check_elastic_launch` refuses a
+restartable torchrun run whose agents share one store across rendezvous rounds (see its doc).
 """
 
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -15,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from deepflow.errors import UserError
 from deepflow.ranks import DistEnv, read_dist_env
 
 __all__ = [
@@ -22,6 +28,10 @@ __all__ = [
     "DistContext",
     "read_dist_env",
     "init_distributed",
+    "ElasticRange",
+    "NO_SHARED_STORE_ENV",
+    "elastic_range",
+    "check_elastic_launch",
     "shutdown_distributed",
     "seed_everything",
     "step_seed",
@@ -108,9 +118,106 @@ def init_distributed(
     return DistContext(env.rank, env.world_size, env.local_rank, device, chosen)
 
 
+#: torchrun (torch 2.4+) serves the workers' ``env://`` store from the rank-0 agent's rendezvous store unless this is 1
+NO_SHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+@dataclass(frozen=True)
+class ElasticRange:
+    """The torchrun agent's node range and restart budget (``--nnodes MIN:MAX --nproc-per-node G --max-restarts R``)."""
+
+    min_nodes: int
+    max_nodes: int
+    nproc_per_node: int
+    max_restarts: int = 0
+
+    @property
+    def world_sizes(self) -> list[int]:
+        """Every world size the run can take: n * G for n in [MIN, MAX]."""
+        return [nodes * self.nproc_per_node for nodes in range(self.min_nodes, self.max_nodes + 1)]
+
+    @property
+    def restartable(self) -> bool:
+        """The agents can start another rendezvous round (membership change or worker restart)."""
+        return self.min_nodes < self.max_nodes or self.max_restarts > 0
+
+
+def _agent_argv(environ: Mapping[str, str]) -> list[str] | None:
+    """The torchrun agent's own arguments: our parent's command line after ``torch.distributed.run``/``torchrun``
+    (None when the parent is something else or unreadable)."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as handle:
+            command = [part.decode(errors="replace") for part in handle.read().split(b"\0") if part]
+    except OSError:
+        return None
+    for index, part in enumerate(command):  # python -m torch.distributed.run ARGS | .../torchrun ARGS
+        if part in ("torch.distributed.run", "torchrun") or part.endswith(("/torchrun", "torch/distributed/run.py")):
+            return command[index + 1:]
+    return None
+
+
+def _parse_nnodes(nnodes: str) -> tuple[int, int]:
+    low, _, high = nnodes.partition(":")
+    return (int(low), int(high or low))
+
+
+def elastic_range(
+    environ: Mapping[str, str] | None = None, agent_argv: Sequence[str] | None = None
+) -> ElasticRange | None:
+    """The elastic range of the torchrun agent that started this process; None outside torchrun.
+
+    torchrun passes neither ``--nnodes`` nor its range to the workers (they get LOCAL_WORLD_SIZE, WORLD_SIZE,
+    TORCHELASTIC_RUN_ID / _MAX_RESTARTS / _USE_AGENT_STORE). Its options come from its command line or from
+    ``PET_<OPTION>`` variables (Kubeflow's elasticPolicy sets PET_NNODES=MIN:MAX), which the workers inherit: the
+    agent's command line (``agent_argv``, default our parent's) is parsed with torchrun's own parser, which applies
+    the same fallbacks; without it PET_NNODES (default 1) is used. ``--standalone`` is one node.
+    """
+    env = os.environ if environ is None else environ
+    if not env.get("TORCHELASTIC_RUN_ID"):
+        return None
+    argv = list(agent_argv) if agent_argv is not None else _agent_argv(env)
+    nnodes, standalone = env.get("PET_NNODES", "1"), False
+    if argv:
+        from torch.distributed.run import get_args_parser
+
+        known, _ = get_args_parser().parse_known_args(argv)
+        nnodes, standalone = str(known.nnodes), bool(known.standalone)
+    try:
+        low, high = (1, 1) if standalone else _parse_nnodes(nnodes)
+        local = int(env.get("LOCAL_WORLD_SIZE", "1"))
+        restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    except ValueError:
+        raise UserError(f"torchrun: --nnodes {nnodes!r} is not N or MIN:MAX") from None
+    return ElasticRange(low, high, local, restarts)
+
+
+def check_elastic_launch(environ: Mapping[str, str] | None = None) -> ElasticRange | None:
+    """The elastic range (see :func:`elastic_range`), after refusing a restartable run with torchrun's shared store.
+
+    torch 2.4+ serves the workers' store from the rank-0 agent and keeps that one store for every rendezvous round:
+    a process group's keys (each rank's gloo address) outlive the round, so the workers of a restarted round read
+    the previous round's addresses and hang, and a node joining a running job waits for a MASTER_ADDR key that is
+    never written again. A run that can have a second round (``--nnodes MIN:MAX`` with MIN < MAX, or
+    ``--max-restarts`` > 0) needs ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in every agent's environment: then each
+    round gets a fresh MASTER_PORT whose store worker rank 0 hosts. Raises a :class:`UserError` naming it."""
+    env = os.environ if environ is None else environ
+    nodes = elastic_range(env)
+    if nodes is None or not nodes.restartable:
+        return nodes
+    if env.get(NO_SHARED_STORE_ENV) != "1" or env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise UserError(
+            f"{NO_SHARED_STORE_ENV}: set {NO_SHARED_STORE_ENV}=1 in every torchrun agent's environment for an "
+            f"elastic or restartable run (--nnodes {nodes.min_nodes}:{nodes.max_nodes}, --max-restarts "
+            f"{nodes.max_restarts}): torchrun's shared store keeps each round's keys, so restarted ranks would hang"
+        )
+    return nodes
+
+
 def _rendezvous(rank: int, world_size: int, rendezvous_timeout_s: float, collective_timeout_s: float) -> dist.Store:
-    """The ``env://`` store (MASTER_ADDR/MASTER_PORT; torchrun's agent store when it serves one), waiting at most
+    """The ``env://`` store (MASTER_ADDR/MASTER_PORT; under torchrun the agent's store, or with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` a fresh store per rendezvous round hosted by rank 0), waiting at most
     ``rendezvous_timeout_s`` for the others; afterwards its waits are bounded by ``collective_timeout_s``."""
+    check_elastic_launch()
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timedelta(seconds=rendezvous_timeout_s)))
     store.set_timeout(timedelta(seconds=collective_timeout_s))
     return store

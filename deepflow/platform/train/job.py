@@ -15,6 +15,17 @@ resumes from the newest one.
 Under the Kubernetes supervisor (``deepflow.platform.train.k8s_env``, which sets ``$DEEPFLOW_STATUS_DIR``) every
 rank also reports how it ended (running / completed / preempted at step N / failed with status S), from which the
 supervisor decides the pod's exit status.
+
+Elastic runs: ``torchrun --nnodes MIN:MAX --nproc-per-node G --rdzv-backend c10d --rdzv-endpoint HOST:PORT
+--rdzv-id JOB --max-restarts R jobs/train.py --config ...`` with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in every
+agent's environment (refused otherwise, one ``error:`` line). Before anything starts, every world size n * G for n
+in [MIN, MAX] must divide ``data.global_batch_size`` and ``data.streams`` (an automatic stream count is chosen so
+that they all do). Every (re)start resumes from the newest committed checkpoint at the current world size. When
+the agent restarts its workers for a membership change (a node joins) it SIGTERMs them: they commit a checkpoint
+first, so no step is redone. Under the elastic agent (TORCHELASTIC_RUN_ID set, and MIN < MAX or R > 0) a run
+stopped by SIGTERM exits 75 (EX_TEMPFAIL, the pod supervisor's preempted status) instead of 0: a worker that
+exits 0 tells the other agents that the job is finished, 75 makes them continue without this node. A completed
+run exits 0.
 """
 
 from __future__ import annotations
@@ -22,13 +33,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from deepflow.errors import USER_ERRORS, JobArgumentParser, UserError, describe, report_user_errors
 from deepflow.platform.train.config import ConfigError, RunConfig, load_config, resolve_model_for_dataset
+from deepflow.platform.train.pod_supervisor import PREEMPTED_EXIT_CODE
 from deepflow.platform.train.preemption import PreemptionHandler
 from deepflow.platform.train.rank_status import RankStatusFile
 
-__all__ = ["build_parser", "check_dataset", "main", "parse_args"]
+if TYPE_CHECKING:
+    from deepflow.platform.train.distributed import ElasticRange
+
+__all__ = ["build_parser", "check_dataset", "main", "parse_args", "stopped_exit_status"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def check_dataset(cfg: RunConfig) -> RunConfig:
+def check_dataset(cfg: RunConfig, elastic: ElasticRange | None = None) -> RunConfig:
     """``cfg`` resolved against the manifest of ``data.url`` (see ``resolve_model_for_dataset``), read before any
-    process group exists; a missing dataset or manifest is a :class:`UserError` naming ``data.url``."""
+    process group exists; a missing dataset or manifest is a :class:`UserError` naming ``data.url``. A restartable
+    ``elastic`` range adds its world sizes to the checks."""
     from deepflow.artifacts import read_manifest
 
     if not cfg.data.url:
@@ -58,12 +75,22 @@ def check_dataset(cfg: RunConfig) -> RunConfig:
         manifest = read_manifest(cfg.data.url, cfg.data.resolved_storage_options())
     except USER_ERRORS as error:
         raise UserError(f"data.url: {describe(error)}") from error
-    return resolve_model_for_dataset(cfg, manifest)
+    world_sizes = elastic.world_sizes if elastic is not None and elastic.restartable else []
+    return resolve_model_for_dataset(cfg, manifest, world_sizes)
+
+
+def stopped_exit_status(elastic: ElasticRange | None) -> int:
+    """The exit status of a run stopped by SIGTERM with its committed checkpoint: 75 under a restartable elastic
+    agent (so that the other agents continue without this node), 0 otherwise."""
+    return PREEMPTED_EXIT_CODE if elastic is not None and elastic.restartable else 0
 
 
 def _train(argv: list[str] | None, preempt: PreemptionHandler, report: RankStatusFile | None = None) -> int:
     args = parse_args(argv)
-    cfg = check_dataset(load_config(args.config, args.overrides))
+    from deepflow.platform.train.distributed import check_elastic_launch
+
+    elastic = check_elastic_launch()
+    cfg = check_dataset(load_config(args.config, args.overrides), elastic)
     if "DS_ACCELERATOR" not in os.environ:
         import torch
 
@@ -79,7 +106,7 @@ def _train(argv: list[str] | None, preempt: PreemptionHandler, report: RankStatu
     if report is not None:
         report.write(result.status, step=result.final_step)
     print(f"training {result.status} at step {result.final_step}", flush=True)
-    return 0
+    return stopped_exit_status(elastic) if result.status == "preempted" else 0
 
 
 def _exit_status_of(error: BaseException) -> int:
@@ -95,7 +122,7 @@ def _exit_status_of(error: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done (or preempted and checkpointed), 2 a user mistake (one ``error:`` line), 3 stopped by
-    non-finite losses."""
+    non-finite losses, 75 preempted and checkpointed under a restartable elastic torchrun agent."""
     preempt = PreemptionHandler()  # first: a SIGTERM during the slow start-up is kept, not fatal
     report = RankStatusFile.from_environ()
     if report is not None:
@@ -109,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         preempt.restore()
-    if code != 0 and report is not None:
+    if code not in (0, PREEMPTED_EXIT_CODE) and report is not None:  # 75: preempted, reported by _train
         report.write("failed", exit_code=code)
     return code
 

@@ -34,19 +34,30 @@ pod's other ranks at once (they could only wait for the dead one) and exit non-z
   launcher's status otherwise);
 * SIGTERM before the ranks could report: 143 (128 + SIGTERM);
 * a script that writes no reports: the launcher's (or the ranks') own status.
+
+Elastic mode (``torchrun --nnodes MIN:MAX``, see :mod:`deepflow.platform.train.pod_topology`): the agent owns the
+ranks. A failed or vanished rank is the agent's to handle (it restarts the group, at the size that is left), so the
+supervisor stops nobody and never kills a launcher whose ranks all ended (the next rendezvous round may take a
+while); on SIGTERM/SIGINT it signals the agent itself, which SIGTERMs its ranks (they checkpoint and exit 75, which
+makes the other nodes' agents continue without this one) and gives them 30 s before SIGKILL. The agents get
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per rendezvous round). When fewer than MIN nodes join within
+the join timeout, torchrun's RendezvousTimeoutError traceback is replaced by one line ``error: elastic: fewer than
+MIN nodes joined within T s`` and the pod exits :data:`BELOW_MIN_EXIT_CODE`.
 """
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deepflow.platform.train.pod_topology import PodTopology, rank_env
+from deepflow.platform.train.pod_topology import ElasticLaunch, PodTopology, rank_env
 from deepflow.platform.train.rank_status import (
     COMPLETED,
     FAILED,
@@ -57,12 +68,17 @@ from deepflow.platform.train.rank_status import (
     read_rank_reports,
 )
 
-__all__ = ["PREEMPTED_EXIT_CODE", "SIGTERM_EXIT_CODE", "Supervisor", "log", "pod_exit_code"]
+__all__ = ["BELOW_MIN_EXIT_CODE", "PREEMPTED_EXIT_CODE", "SIGTERM_EXIT_CODE", "Supervisor", "TracebackFilter", "log",
+           "pod_exit_code"]
 
 #: The pod's exit status when every local rank stopped for a preemption with a committed checkpoint (sysexits.h
 #: EX_TEMPFAIL): the manifests' podFailurePolicy ``Ignore``s it, so the pod is recreated and nothing is counted.
 PREEMPTED_EXIT_CODE = 75
 SIGTERM_EXIT_CODE = 128 + int(signal.SIGTERM)
+#: elastic mode: fewer than MIN nodes joined the rendezvous within its join timeout
+BELOW_MIN_EXIT_CODE = 1
+#: torchrun (elastic agent) environment: a fresh workers' store per rendezvous round (see distributed.py)
+NO_SHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 def _failure_status(code: int, preempted_exit_code: int) -> int:
@@ -182,6 +198,46 @@ def log(message: str) -> None:
     print(f"[k8s_env] {message}", flush=True)
 
 
+# ------------------------------------------------------------------------------------------ elastic output
+class TracebackFilter:
+    """Copies the agent's stderr lines to ``out``, except a traceback that ends in a RendezvousTimeoutError
+    (``timed_out`` is then set: the supervisor prints one line instead). Other tracebacks pass unchanged."""
+
+    def __init__(self, out: Any = None) -> None:
+        self.out = out if out is not None else sys.stderr
+        self.held: list[str] = []
+        self.timed_out = False
+
+    def feed(self, line: str) -> None:
+        if not self.held and not line.startswith("Traceback (most recent call last)"):
+            self._write([line])
+            return
+        self.held.append(line)
+        if line[:1].isspace() or line.startswith(("Traceback", "During handling", "The above exception")) \
+                or not line.strip():
+            return
+        if "RendezvousTimeoutError" in line:  # the exception line: drop the whole traceback
+            self.timed_out = True
+            self.held = []
+        else:
+            self.flush()
+
+    def flush(self) -> None:
+        self._write(self.held)
+        self.held = []
+
+    def _write(self, lines: list[str]) -> None:
+        for line in lines:
+            self.out.write(line)
+        self.out.flush()
+
+    def pump(self, stream: Any) -> None:
+        """Read ``stream`` (the launcher's stderr) to its end."""
+        for raw in iter(stream.readline, b""):
+            self.feed(raw.decode(errors="replace"))
+        self.flush()
+
+
 # ----------------------------------------------------------------------------------------------- supervisor
 @dataclass
 class _Rank:
@@ -215,6 +271,9 @@ class Supervisor:
     stopping: bool = False  # the other ranks were killed after a failure
     _launcher_dead_at: float | None = None
     _not_ranks: set[tuple[int, int]] = field(default_factory=set)  # (pid, start) of launcher processes
+    elastic: ElasticLaunch | None = None  # torchrun's elastic agent owns the ranks (see the module doc)
+    _stderr: TracebackFilter | None = None
+    _pump: threading.Thread | None = None
 
     # ---------------------------------------------------------------- start
     def start(self) -> None:
@@ -225,7 +284,14 @@ class Supervisor:
                 self.ranks[popen.pid] = _Rank(local, popen.pid, popen=popen)
             return
         env.pop("LOCAL_RANK", None)  # what tells the launcher's ranks apart from the launcher
-        self.launcher_proc = subprocess.Popen(self.command, env=env, start_new_session=True)
+        if self.elastic is None:
+            self.launcher_proc = subprocess.Popen(self.command, env=env, start_new_session=True)
+            return
+        env[NO_SHARED_STORE_ENV] = "1"
+        self.launcher_proc = subprocess.Popen(self.command, env=env, start_new_session=True, stderr=subprocess.PIPE)
+        self._stderr = TracebackFilter()
+        self._pump = threading.Thread(target=self._stderr.pump, args=(self.launcher_proc.stderr,), daemon=True)
+        self._pump.start()
 
     # ---------------------------------------------------------------- signals
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -235,7 +301,15 @@ class Supervisor:
         return {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
 
     def _forward(self) -> None:
-        """SIGTERM every rank not signalled yet; before any rank exists, kill the launcher (nothing to save)."""
+        """SIGTERM every rank not signalled yet; before any rank exists, kill the launcher (nothing to save).
+        Elastic: SIGTERM the agent once (it stops its ranks, which checkpoint, and leaves the group)."""
+        if self.elastic is not None and self.launcher_proc is not None:
+            if not self.stopping and self.launcher_proc.poll() is None:
+                log(f"{signal.Signals(self.signum or signal.SIGTERM).name}: asking the elastic agent to stop its "
+                    "ranks (they checkpoint) and leave the group")
+                _signal(self.launcher_proc.pid, signal.SIGTERM)
+            self.stopping = True
+            return
         pending = [rank for rank in self.ranks.values() if not rank.ended and not rank.signalled]
         if not self.ranks and self.launcher_proc is not None and self.launcher_proc.poll() is None:
             log(f"{signal.Signals(self.signum or signal.SIGTERM).name} before any rank started: stopping the launcher")
@@ -287,6 +361,8 @@ class Supervisor:
                 continue
             current = table.get(rank.pid)
             rank.ended = current is None or current.start != rank.start or current.zombie
+            if self.elastic is not None:
+                continue  # the elastic agent restarts (or ends) the group itself
             report = reports[rank.local_rank] if rank.local_rank < len(reports) else None
             if report is not None and report.status == FAILED:
                 self._stop_others(rank, f"failed with status {report.exit_code}")
@@ -314,6 +390,8 @@ class Supervisor:
             return all(rank.ended for rank in self.ranks.values())
         if self.launcher_proc.poll() is not None:
             return True
+        if self.elastic is not None:
+            return False  # between rendezvous rounds no rank exists: only the agent's end ends the pod
         reports = read_rank_reports(self.status_dir, self.topology.nproc_per_node)
         ranks_gone = bool(self.ranks) and all(rank.ended for rank in self.ranks.values())
         if ranks_gone and (all(r is not None and r.final for r in reports) or self.stopping):
@@ -355,10 +433,24 @@ class Supervisor:
             self._kill_tree()  # nothing outlives the supervisor
             self._reap()
         reports = read_rank_reports(self.status_dir, self.topology.nproc_per_node)
+        if self._below_min():
+            return BELOW_MIN_EXIT_CODE
         code = pod_exit_code(reports, failure=self.failure, launcher_code=self._launcher_code(),
                              terminated=self.signum is not None, preempted_exit_code=self.preempted_exit_code)
         log(_describe(code, reports, self.preempted_exit_code))
         return code
+
+    def _below_min(self) -> bool:
+        """Elastic: the agent gave up waiting for MIN nodes; one ``error:`` line instead of its traceback."""
+        if self._pump is not None:
+            self._pump.join(timeout=10)
+        if self.elastic is None or self._stderr is None or not self._stderr.timed_out:
+            return False
+        elastic = self.elastic
+        print(f"error: elastic: fewer than {elastic.min_nodes} nodes joined within {elastic.join_timeout_s} s "
+              f"(--nnodes {elastic.min_nodes}:{elastic.max_nodes}): not enough nodes to continue",
+              file=sys.stderr, flush=True)
+        return True
 
     def _popens(self) -> list[subprocess.Popen[bytes]]:
         popens = [rank.popen for rank in self.ranks.values()] + [self.launcher_proc]

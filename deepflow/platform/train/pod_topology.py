@@ -18,6 +18,14 @@ sets MASTER_ADDR from the ``jobset.sigs.k8s.io/coordinator`` annotation instead)
 A Kubeflow PyTorchJob sets the torchrun variables itself (PET_NODE_RANK, PET_NNODES, PET_NPROC_PER_NODE,
 PET_MASTER_ADDR, PET_MASTER_PORT); they are read when JOB_COMPLETION_INDEX is absent.
 
+Elastic mode (``--launcher torchrun`` only): ``k8s_env --nnodes MIN:MAX``, ``NNODES=MIN:MAX`` (Indexed Job, JobSet)
+or a PyTorchJob with ``elasticPolicy`` (the operator sets PET_NNODES=MIN:MAX, PET_RDZV_ENDPOINT, PET_RDZV_BACKEND,
+PET_MAX_RESTARTS, PET_RDZV_ID; no PET_NODE_RANK) runs torchrun's elastic agent (:class:`ElasticLaunch`): c10d
+rendezvous at PET_RDZV_ENDPOINT, or at MASTER_ADDR:MASTER_PORT hosted by pod 0 (``is_host``); bounded waits
+(``--rdzv-conf join_timeout=..,last_call_timeout=..,close_timeout=..,keep_alive_*,read_timeout``); ``--local-addr``
+(the pod's IP: pod hostnames do not resolve); TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 set by the supervisor. Node ranks
+are then assigned by the rendezvous, not by the pod's index.
+
 ``python -m deepflow.platform.train.k8s_env --launcher deepspeed|torchrun|python -- jobs/train.py --config run.yaml``
 prints the topology and runs the pod's ranks under :class:`deepflow.platform.train.pod_supervisor.Supervisor`
 (signal forwarding, fail-fast, the pod's exit status: see that module).
@@ -31,8 +39,8 @@ from dataclasses import dataclass
 
 from deepflow.errors import UserError
 
-__all__ = ["DEFAULT_MASTER_PORT", "LAUNCHERS", "K8sEnvError", "PodTopology", "hostfile_text", "launcher_command",
-           "pod_topology", "rank_env"]
+__all__ = ["DEFAULT_MASTER_PORT", "LAUNCHERS", "ElasticLaunch", "K8sEnvError", "PodTopology", "elastic_command",
+           "elastic_launch", "hostfile_text", "launcher_command", "pod_topology", "rank_env"]
 
 DEFAULT_MASTER_PORT = 29500
 LAUNCHERS = ("deepspeed", "torchrun", "python")
@@ -128,13 +136,34 @@ def _pytorchjob_topology(env: Mapping[str, str], port: int) -> PodTopology:
     return topology
 
 
-def pod_topology(env: Mapping[str, str] | None = None) -> PodTopology:
+def _nnodes(raw: str, name: str) -> tuple[int, int]:
+    low, sep, high = raw.partition(":")
+    try:
+        nodes = (int(low), int(high) if sep else int(low))
+    except ValueError:
+        raise K8sEnvError(f"{name}: must be N or MIN:MAX, got {raw!r}") from None
+    if not 1 <= nodes[0] <= nodes[1]:
+        raise K8sEnvError(f"{name}: need 1 <= MIN <= MAX, got {raw!r}")
+    return nodes
+
+
+def pod_topology(env: Mapping[str, str] | None = None, nnodes: str | None = None) -> PodTopology:
     """Read the pod's environment (default ``os.environ``); see the module doc for the mapping. A variable that is
     missing or wrong raises a :class:`~deepflow.errors.UserError` naming it."""
     env = os.environ if env is None else env
     port = _int(env, "MASTER_PORT", DEFAULT_MASTER_PORT)
-    if env.get("JOB_COMPLETION_INDEX", "") != "":
+    elastic = nnodes or (env.get("NNODES", "") if ":" in env.get("NNODES", "") else "")
+    if env.get("JOB_COMPLETION_INDEX", "") != "" and elastic:
+        low, high = _nnodes(elastic, "--nnodes" if nnodes else "NNODES")
+        topology = _indexed_job_topology({**env, "NNODES": str(high)}, port)
+    elif env.get("JOB_COMPLETION_INDEX", "") != "":
         topology = _indexed_job_topology(env, port)
+    elif env.get("PET_RDZV_ENDPOINT", "") != "" and env.get("PET_NODE_RANK", "") == "":  # PyTorchJob elasticPolicy
+        low, high = _nnodes(nnodes or env.get("PET_NNODES", "1"), "--nnodes" if nnodes else "PET_NNODES")
+        host, _, rdzv_port = env["PET_RDZV_ENDPOINT"].rpartition(":")
+        nproc_raw = env.get("PET_NPROC_PER_NODE", "") or env.get("PET_N_PROC_PER_NODE", "")
+        topology = PodTopology(0, high, int(nproc_raw) if nproc_raw.isdigit() else _visible_gpus(), host or rdzv_port,
+                               int(rdzv_port) if host and rdzv_port.isdigit() else port)
     elif env.get("PET_NODE_RANK", "") != "":  # Kubeflow PyTorchJob
         topology = _pytorchjob_topology(env, port)
     else:
@@ -151,6 +180,64 @@ def pod_topology(env: Mapping[str, str] | None = None) -> PodTopology:
     if topology.nproc_per_node < 1:
         raise K8sEnvError(f"GPUS_PER_NODE: must be >= 1, got {topology.nproc_per_node}")
     return topology
+
+
+# -------------------------------------------------------------------------------------------------- elastic
+@dataclass(frozen=True)
+class ElasticLaunch:
+    """torchrun's elastic agent for this pod: ``--nnodes MIN:MAX`` with the c10d rendezvous and bounded waits."""
+
+    min_nodes: int
+    max_nodes: int
+    endpoint: str  # HOST:PORT of the rendezvous store
+    rdzv_id: str
+    max_restarts: int
+    join_timeout_s: int = 600
+    last_call_timeout_s: int = 30
+    close_timeout_s: int = 60
+    is_host: bool | None = None  # None: torchrun decides from the endpoint's host name
+    local_addr: str | None = None
+
+    def rdzv_conf(self) -> str:
+        """``--rdzv-conf``: every wait of the rendezvous bounded; a lost node noticed within 3 keep-alives."""
+        conf = [f"join_timeout={self.join_timeout_s}", f"last_call_timeout={self.last_call_timeout_s}",
+                f"close_timeout={self.close_timeout_s}", "keep_alive_interval=1", "keep_alive_max_attempt=3",
+                "read_timeout=30"]
+        if self.is_host is not None:
+            conf.append(f"is_host={str(self.is_host).lower()}")
+        return ",".join(conf)
+
+
+def elastic_launch(topology: PodTopology, env: Mapping[str, str] | None = None, nnodes: str | None = None,
+                   **timeouts: int) -> ElasticLaunch | None:
+    """The elastic agent's settings when the pod runs elastic (``nnodes`` MIN:MAX from ``k8s_env --nnodes``,
+    NNODES=MIN:MAX, or a PyTorchJob's elasticPolicy; see the module doc); None for a fixed-size pod."""
+    env = os.environ if env is None else env
+    local_addr = env.get("POD_IP") or None
+    if env.get("PET_RDZV_ENDPOINT", "") != "" and env.get("PET_NODE_RANK", "") == "":
+        low, high = _nnodes(nnodes or env.get("PET_NNODES", "1"), "--nnodes" if nnodes else "PET_NNODES")
+        return ElasticLaunch(low, high, env["PET_RDZV_ENDPOINT"], env.get("PET_RDZV_ID") or "deepflow",
+                             _int(env, "PET_MAX_RESTARTS", 100), local_addr=local_addr, **timeouts)
+    raw = nnodes or (env.get("NNODES", "") if ":" in env.get("NNODES", "") else "")
+    if not raw:
+        return None
+    low, high = _nnodes(raw, "--nnodes" if nnodes else "NNODES")
+    return ElasticLaunch(low, high, f"{topology.master_addr}:{topology.master_port}",
+                         env.get("RDZV_ID") or topology.job_name or "deepflow", _int(env, "MAX_RESTARTS", 100),
+                         is_host=topology.node_rank == 0 if env.get("JOB_COMPLETION_INDEX", "") != "" else None,
+                         local_addr=local_addr, **timeouts)
+
+
+def elastic_command(topology: PodTopology, elastic: ElasticLaunch, script_and_args: list[str]) -> list[str]:
+    """``torchrun --nnodes MIN:MAX ... --rdzv-backend c10d`` for this pod (node ranks come from the rendezvous)."""
+    command = [
+        "torchrun", f"--nnodes={elastic.min_nodes}:{elastic.max_nodes}",
+        f"--nproc-per-node={topology.nproc_per_node}", "--rdzv-backend=c10d", f"--rdzv-endpoint={elastic.endpoint}",
+        f"--rdzv-id={elastic.rdzv_id}", f"--max-restarts={elastic.max_restarts}", f"--rdzv-conf={elastic.rdzv_conf()}",
+    ]
+    if elastic.local_addr:
+        command.append(f"--local-addr={elastic.local_addr}")
+    return [*command, *script_and_args]
 
 
 # ------------------------------------------------------------------------------------------------- commands

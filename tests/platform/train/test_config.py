@@ -159,3 +159,48 @@ def test_saved_config_never_holds_credentials(tmp_path: Path) -> None:
     assert "AKIA123" not in text and "s3cr3t" not in text and "abc" not in text
     assert "http://minio:9000" in text and text.count("'***'") == 3
     assert cfg.checkpoint.storage_options["secret"] == "s3cr3t"  # the live config keeps them
+
+
+def test_elastic_world_sizes_must_divide_the_batch_and_the_streams() -> None:
+    from deepflow.artifacts import Manifest, ShardEntry
+    from deepflow.platform.train.config import resolve_model_for_dataset
+
+    manifest = Manifest(kind="vae", shape=[4, 32, 32], num_classes=1000,
+                        shards=[ShardEntry(name=f"s{i}.tar", num_samples=10) for i in range(240)])
+    base = ["data.global_batch_size=48", "schedule.grad_accumulation=2"]  # 24 samples per micro-step
+    assert resolve_model_for_dataset(load_config(None, base), manifest, [2, 3, 4]).data.streams == 24
+    assert resolve_model_for_dataset(load_config(None, base), manifest, [8, 12]).data.streams == 24
+    with pytest.raises(ConfigError, match=r"^data.streams: 6 streams cannot be split over world size\(s\) 4 of the "
+                                          r"elastic range 2, 3, 4; use a multiple of 12 that divides 24"):
+        resolve_model_for_dataset(load_config(None, base + ["data.streams=6"]), manifest, [2, 3, 4])
+    with pytest.raises(ConfigError, match=r"^data.global_batch_size: 48 \(x schedule.grad_accumulation 2\) cannot "
+                                          r"be split over world size\(s\) 5 of the elastic range 4, 5"):
+        resolve_model_for_dataset(load_config(None, base), manifest, [4, 5])
+    few = Manifest(kind="vae", shape=[4, 32, 32], num_classes=1000,
+                   shards=[ShardEntry(name=f"s{i}.tar", num_samples=10) for i in range(5)])
+    with pytest.raises(ConfigError, match=r"^data.streams: no automatic stream count suits every world size"):
+        resolve_model_for_dataset(load_config(None, base), few, [6, 12])
+    assert resolve_model_for_dataset(load_config(None, base), few, []).data.streams == 1  # a plain run: as before
+
+
+def test_elastic_range_from_the_agent_command_line_and_the_shared_store_guard() -> None:
+    from deepflow.errors import UserError
+    from deepflow.platform.train.distributed import check_elastic_launch, elastic_range
+
+    agent = ["--nnodes", "2:3", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--max-restarts", "5", "train.py"]
+    env = {"TORCHELASTIC_RUN_ID": "job", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "5"}
+    nodes = elastic_range(env, agent)
+    assert nodes is not None and nodes.world_sizes == [4, 6] and nodes.restartable
+    assert elastic_range({}, agent) is None  # not under torchrun
+    standalone = elastic_range({"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "2"},
+                               ["--standalone", "--nproc_per_node", "2", "train.py"])
+    assert standalone is not None and standalone.world_sizes == [2] and not standalone.restartable
+    assert elastic_range({"TORCHELASTIC_RUN_ID": "x", "PET_NNODES": "1:4"}, []) is not None
+    assert elastic_range({"TORCHELASTIC_RUN_ID": "x", "PET_NNODES": "1:4"}, []).world_sizes == [1, 2, 3, 4]
+    with pytest.raises(UserError, match="^TORCH_DISABLE_SHARE_RDZV_TCP_STORE: set TORCH_DISABLE_SHARE_RDZV_TCP_"):
+        check_elastic_launch({**env, "PET_NNODES": "2:3", "TORCHELASTIC_USE_AGENT_STORE": "True"})
+    fixed = {**env, "PET_NNODES": "2:3", "TORCHELASTIC_USE_AGENT_STORE": "False",
+             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    assert check_elastic_launch(fixed) is not None
+    plain = {"TORCHELASTIC_RUN_ID": "x", "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert check_elastic_launch(plain) is not None  # a plain run keeps the shared store
