@@ -13,7 +13,8 @@ Training checkpoints::
         state/rank-00003.json   per rank: data-loader position, RNG states
         config.yaml             the resolved run config
         model.json              the :class:`ModelCard` (what is needed to rebuild the model)
-        meta.json               step, world size, engine
+        meta.json               step, world size, engine, ema_layout (how sharded EMA files cut each
+                                tensor: FULL / DIM0_CHUNKS / FLAT_PARTITIONS) and ema_shapes (full shapes)
         COMMIT                  written last: only committed folders exist for readers
 
 Exports (the trainer's EMA export, ``deepflow convert`` output)::
@@ -27,18 +28,30 @@ Sample sets (``jobs/sample.py``)::
     samples.npz (ADM: arr_0 uint8 NHWC, arr_1 labels)
 
 :func:`load_weights` accepts any of an export folder, an export ``.safetensors``, a checkpoint step folder or a
-checkpoints folder (its newest committed step) and returns the weights with their :class:`ModelCard`.
+checkpoints folder (its newest committed step; a sharded EMA is joined from the ranks' files) and returns the weights
+with their :class:`ModelCard`; :func:`open_weights` gives the same as a source read one tensor at a time and
+:func:`export_checkpoint` turns any of them into an export that way.
+
+Memory: weights are never held as a bytes buffer. :func:`write_safetensors` writes the header from the tensors'
+specs, then each tensor as it comes (a gather in progress frees it right after), and :func:`iter_safetensors` reads
+each tensor straight into its own tensor; so writing an export takes the tensor in hand, and reading one the
+weights returned (the file format is safetensors' own, byte for byte).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
 import re
-from typing import Any, Literal
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import IO, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
 
 from deepflow.storage import Storage, join_url, read_url_text, split_url
 
@@ -46,6 +59,10 @@ __all__ = [
     "CHECKPOINT_CONFIG_NAME",
     "CHECKPOINT_META_NAME",
     "COMMIT_NAME",
+    "DIM0_CHUNKS",
+    "FLAT_PARTITIONS",
+    "FULL",
+    "SLICE_LAYOUTS",
     "ENGINE_DIR",
     "EXPORT_META_NAME",
     "EXPORT_WEIGHTS_NAME",
@@ -57,14 +74,26 @@ __all__ = [
     "Manifest",
     "ModelCard",
     "SampleSetLayout",
+    "WeightsSource",
+    "TensorSpec",
     "TextFeatures",
     "ema_file_name",
+    "export_checkpoint",
+    "iter_safetensors",
+    "iter_sharded_ema",
+    "iter_weights",
+    "join_slices",
     "load_weights",
+    "open_weights",
     "parse_step_dir",
     "rank_state_name",
     "read_manifest",
+    "read_safetensors",
+    "safetensors_specs",
+    "slice_full",
     "step_dir_name",
     "write_export",
+    "write_safetensors",
 ]
 
 # ------------------------------------------------------------------------------------------------ datasets
@@ -210,6 +239,217 @@ class CheckpointLayout:
         self.storage.remove_tree(step_dir_name(step))
 
 
+# ------------------------------------------------------------------------------- safetensors, tensor by tensor
+#: safetensors dtype names, in the order of the format's own dtype enum (a file lists larger dtypes first)
+_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+    torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
+}
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+_DTYPE_RANK = {dtype: index for index, dtype in enumerate(_SAFETENSORS_DTYPES)}
+_MAX_HEADER_BYTES = 100_000_000  # as safetensors' own reader
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of one tensor of a safetensors file, known before its data (a gather not yet done)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorSpec:
+        return cls(tuple(tensor.shape), tensor.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _file_order(specs: Mapping[str, TensorSpec]) -> list[str]:
+    """safetensors' own order of the tensors in a file: larger dtypes first, then by name."""
+    return sorted(specs, key=lambda name: (-_DTYPE_RANK[specs[name].dtype], name))
+
+
+def _header(specs: Mapping[str, TensorSpec], metadata: dict[str, str] | None) -> tuple[bytes, dict[str, int]]:
+    """The first bytes of the file (8-byte little-endian length + JSON, padded with spaces to a multiple of 8, as
+    safetensors writes them) and each tensor's byte offset in the file."""
+    entries: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offsets: dict[str, int] = {}
+    position = 0
+    for name in _file_order(specs):
+        spec = specs[name]
+        offsets[name] = position
+        entries[name] = {"dtype": _SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape),
+                         "data_offsets": [position, position + spec.nbytes]}
+        position += spec.nbytes
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    start = 8 + len(text)
+    return struct.pack("<Q", len(text)) + text, {name: start + offset for name, offset in offsets.items()}
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw (little-endian) bytes of ``tensor`` on the CPU; no copy for a contiguous CPU tensor."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def write_safetensors(
+    handle: IO[bytes],
+    specs: Mapping[str, TensorSpec],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """A safetensors file on the seekable binary ``handle`` (at position 0) from ``tensors`` given one at a time, in
+    any order: the header from ``specs`` first, then each tensor written at its place as it comes, so the caller may
+    free it (or gather the next one into its memory) right after. Byte for byte what ``safetensors.torch.save``
+    writes for the same tensors and metadata. ValueError for a name not in ``specs``, a tensor unlike its spec, or
+    a spec never given a tensor (after every tensor was consumed)."""
+    unknown = sorted({spec.dtype for spec in specs.values()} - set(_SAFETENSORS_DTYPES), key=str)
+    if unknown:
+        raise ValueError(f"safetensors: unsupported dtypes {unknown}")
+    header, offsets = _header(specs, metadata)
+    handle.write(header)
+    written: set[str] = set()
+    for name, tensor in tensors:
+        spec = specs.get(name)
+        if spec is None:
+            raise ValueError(f"{name}: not one of the {len(specs)} tensors announced for this file")
+        if TensorSpec.of(tensor) != spec:
+            raise ValueError(f"{name}: {tuple(tensor.shape)} {tensor.dtype}, announced as {spec.shape} {spec.dtype}")
+        handle.seek(offsets[name])
+        handle.write(_tensor_bytes(tensor))
+        written.add(name)
+    missing = sorted(set(specs) - written)
+    if missing:
+        raise ValueError(f"{len(missing)} announced tensors were never given: {missing[:5]}")
+
+
+def _read_header(handle: IO[bytes], where: str) -> dict[str, tuple[TensorSpec, int]]:
+    """name -> (spec, byte offset in the file) from a safetensors file's header."""
+    raw = handle.read(8)
+    if len(raw) < 8:
+        raise ValueError(f"{where}: not a safetensors file (shorter than its header)")
+    (length,) = struct.unpack("<Q", raw)
+    if length > _MAX_HEADER_BYTES:
+        raise ValueError(f"{where}: not a safetensors file (header of {length} bytes)")
+    try:
+        header = json.loads(handle.read(length))
+        header.pop("__metadata__", None)
+        entries = {}
+        for name, entry in header.items():
+            spec = TensorSpec(tuple(int(d) for d in entry["shape"]), _DTYPES_BY_NAME[entry["dtype"]])
+            begin, end = (int(offset) for offset in entry["data_offsets"])
+            if end - begin != spec.nbytes:
+                raise ValueError(f"{name}: {end - begin} bytes for {spec}")
+            entries[name] = (spec, 8 + length + begin)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{where}: not a readable safetensors header ({error})") from None
+    return entries
+
+
+def _read_tensor(handle: IO[bytes], spec: TensorSpec, offset: int, where: str) -> torch.Tensor:
+    """One tensor read straight into a new CPU tensor (no intermediate bytes object)."""
+    tensor = torch.empty(spec.shape, dtype=spec.dtype)
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    handle.seek(offset)
+    done = 0
+    while done < len(view):
+        count = handle.readinto(view[done:])  # type: ignore[attr-defined]
+        if not count:
+            raise ValueError(f"{where}: truncated (a tensor ends past the end of the file)")
+        done += count
+    return tensor
+
+
+@contextlib.contextmanager
+def _local_file(storage: Storage, name: str) -> Iterator[str]:
+    """A local path of object ``name``: the file itself on local disks, else a (retried) download removed after."""
+    if storage.is_local:
+        if not storage.exists(name):
+            raise FileNotFoundError(f"{storage.url_of(name)}: no such file")
+        yield storage.path(name)
+        return
+    with tempfile.TemporaryDirectory(prefix="deepflow-weights-") as folder:
+        path = os.path.join(folder, "weights.safetensors")
+        storage.get_file(name, path)
+        yield path
+
+
+def safetensors_specs(storage: Storage, name: str) -> dict[str, TensorSpec]:
+    """name -> spec of every tensor of the safetensors object ``name`` (reads only its header), in file order."""
+    with storage.open_read(name) as handle:
+        entries = _read_header(handle, storage.url_of(name))
+    return {key: entries[key][0] for key in sorted(entries, key=lambda key: entries[key][1])}
+
+
+def iter_safetensors(storage: Storage, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of the safetensors object ``name``, in file order, each read into its own new CPU tensor when it
+    is reached (memory: the tensors the caller keeps; a remote object is downloaded to a temporary file first)."""
+    with _local_file(storage, name) as path, open(path, "rb") as handle:
+        entries = _read_header(handle, storage.url_of(name))
+        for key in sorted(entries, key=lambda key: entries[key][1]):
+            spec, offset = entries[key]
+            yield key, _read_tensor(handle, spec, offset, storage.url_of(name))
+
+
+def read_safetensors(storage: Storage, name: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors object ``name`` (one copy of the data in memory, no bytes buffer)."""
+    return dict(iter_safetensors(storage, name))
+
+
+# ------------------------------------------------------------------------------------------- slice layouts
+#: How a sharded engine cuts a parameter of full shape S over W ranks (checkpoint meta.json ``ema_layout``).
+#: FULL: every rank holds the whole tensor (DDP, ZeRO-1/2).
+FULL = "full"
+#: ``torch.chunk(full, W, dim=0)[rank]`` (FSDP2 ``Shard(0)``): uneven chunks, ranks past the last chunk hold [0,...].
+DIM0_CHUNKS = "dim0-chunks"
+#: ``full.flatten()`` zero-padded to W * n elements, n = ceil(numel / W); rank r holds [r*n, (r+1)*n) (ZeRO-3).
+FLAT_PARTITIONS = "flat-partitions"
+SLICE_LAYOUTS = (FULL, DIM0_CHUNKS, FLAT_PARTITIONS)
+
+
+def slice_full(full: torch.Tensor, layout: str, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s slice of ``full`` (shape S) in ``layout``: S (FULL), [<=ceil(S0/W), *S[1:]] (DIM0_CHUNKS) or
+    [ceil(numel/W)] (FLAT_PARTITIONS). A view of ``full`` where possible."""
+    if layout == FULL:
+        return full
+    if layout == DIM0_CHUNKS:
+        chunks = full.chunk(world_size, dim=0)
+        return chunks[rank] if rank < len(chunks) else full.new_zeros((0, *full.shape[1:]))
+    if layout == FLAT_PARTITIONS:
+        size = -(-full.numel() // world_size)
+        piece = full.reshape(-1)[rank * size : (rank + 1) * size]
+        if piece.numel() < size:
+            piece = torch.cat([piece, piece.new_zeros(size - piece.numel())])
+        return piece
+    raise ValueError(f"unknown slice layout {layout!r} (known: {', '.join(SLICE_LAYOUTS)})")
+
+
+def join_slices(pieces: Sequence[torch.Tensor], layout: str, shape: Sequence[int]) -> torch.Tensor:
+    """The full tensor of shape ``shape`` from the slices of ranks 0..W-1 (W = len(pieces)) cut by
+    :func:`slice_full`."""
+    shape = torch.Size(shape)
+    if layout == FULL or (len(pieces) == 1 and pieces[0].shape == shape):
+        return pieces[0]
+    if layout == DIM0_CHUNKS:
+        full = torch.cat(list(pieces), dim=0)
+    elif layout == FLAT_PARTITIONS:
+        numel = shape.numel()
+        if len(pieces) == 1:
+            full = pieces[0].reshape(-1)[:numel].view(shape)
+        else:
+            full = torch.cat([piece.reshape(-1) for piece in pieces])[:numel].view(shape)
+    else:
+        raise ValueError(f"unknown slice layout {layout!r} (known: {', '.join(SLICE_LAYOUTS)})")
+    if full.shape != shape:
+        raise ValueError(
+            f"{len(pieces)} {layout} slices make a tensor of shape {tuple(full.shape)}, expected {tuple(shape)}"
+        )
+    return full
+
+
 # ------------------------------------------------------------------------------------------------- exports
 EXPORT_WEIGHTS_NAME = "export.safetensors"
 EXPORT_META_NAME = "export.json"
@@ -244,22 +484,36 @@ class ModelCard(_Open):
                    latent_scale=manifest.latent_scale, vae=manifest.vae_id, manifest=manifest, **fields)
 
 
+def _export_names(url: str) -> tuple[str, str, str]:
+    """(folder, weights name, card name) of an export ``url``: a folder or a ``.safetensors`` file."""
+    if url.rstrip("/").endswith(".safetensors"):
+        folder, weights_name = split_url(url.rstrip("/"))
+        return folder, weights_name, weights_name[: -len(".safetensors")] + ".json"
+    return url, EXPORT_WEIGHTS_NAME, EXPORT_META_NAME
+
+
 def write_export(
     url: str,
-    weights: dict[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     card: ModelCard,
     storage_options: dict[str, Any] | None = None,
+    specs: Mapping[str, TensorSpec] | None = None,
 ) -> str:
     """Write weights + card. ``url``: a folder (``export.safetensors`` + ``export.json`` in it) or a
-    ``.safetensors`` file (its ``.json`` beside it). Weights first, card last. Returns the weights URL."""
-    if url.endswith(".safetensors"):
-        folder, weights_name = split_url(url)
-        meta_name = weights_name[: -len(".safetensors")] + ".json"
-    else:
-        folder, weights_name, meta_name = url, EXPORT_WEIGHTS_NAME, EXPORT_META_NAME
+    ``.safetensors`` file (its ``.json`` beside it). Returns the weights URL.
+
+    ``weights``: a dict, or (name, tensor) pairs produced one at a time (a gather in progress, a checkpoint being
+    read): then ``specs`` announces every tensor's shape and dtype, and each tensor is written into the file as it
+    comes, so the memory this takes is the tensor in hand, never a copy of the model. Weights first (atomic: a
+    temporary file renamed, or uploaded, by :meth:`Storage.write_file`), card last."""
+    if specs is None:
+        if not isinstance(weights, Mapping):
+            raise TypeError("write_export: a stream of tensors needs their specs up front")
+        specs = {name: TensorSpec.of(tensor) for name, tensor in weights.items()}
+    pairs = weights.items() if isinstance(weights, Mapping) else weights
+    folder, weights_name, meta_name = _export_names(url)
     storage = Storage(folder, storage_options)
-    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in weights.items()}
-    storage.write_bytes(weights_name, save_safetensors_bytes(tensors, metadata={"format": "pt"}))
+    storage.write_file(weights_name, lambda handle: write_safetensors(handle, specs, pairs, {"format": "pt"}))
     storage.write_json(meta_name, card.model_dump(mode="json", exclude_none=True))
     return storage.url_of(weights_name)
 
@@ -272,20 +526,96 @@ def _read_card(storage: Storage, name: str) -> ModelCard:
         raise ValueError(f"{storage.url_of(name)}: not a model card ({str(error).splitlines()[0]})") from None
 
 
-def load_weights(url: str, storage_options: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], ModelCard]:
-    """Weights + card from an export folder, an export ``.safetensors``, a committed checkpoint step folder or a
-    checkpoints folder (newest committed step). Errors name the URL and what was expected there."""
+@dataclass
+class WeightsSource:
+    """Weights found by :func:`open_weights`: their card, every tensor's full spec, and ``tensors()``: the tensors
+    read one at a time (each a new full CPU tensor; a sharded checkpoint's slices are joined tensor by tensor)."""
+
+    url: str
+    card: ModelCard
+    specs: dict[str, TensorSpec]
+    read: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.read()
+
+
+def _file_source(storage: Storage, weights_name: str, card: ModelCard) -> WeightsSource:
+    return WeightsSource(storage.url_of(weights_name), card, safetensors_specs(storage, weights_name),
+                         lambda: iter_safetensors(storage, weights_name))
+
+
+def _sharded_source(storage: Storage, card: ModelCard) -> WeightsSource:
+    """The EMA of a checkpoint written by a sharded engine: every rank's ``ema/rank-RRRRR.safetensors`` joined,
+    tensor by tensor, as meta.json's ``ema_layout``, ``world_size`` and ``ema_shapes`` (the full shapes) say."""
+    meta = storage.read_json(CHECKPOINT_META_NAME) if storage.exists(CHECKPOINT_META_NAME) else {}
+    if (not isinstance(meta, dict) or meta.get("ema_layout") not in SLICE_LAYOUTS or "world_size" not in meta
+            or not isinstance(meta.get("ema_shapes"), dict)):
+        raise ValueError(
+            f"{storage.url}: the EMA is sharded over ranks (FSDP / ZeRO-3) and {CHECKPOINT_META_NAME} does not say "
+            "how to join it (ema_layout, world_size, ema_shapes: written since this version); use the run's export "
+            "(<output_dir>/export) instead"
+        )
+    layout, world = str(meta["ema_layout"]), int(meta["world_size"])
+    names = [ema_file_name(rank) for rank in range(world)]
+    absent = [name for name in names if not storage.exists(name)]
+    if absent:
+        raise FileNotFoundError(f"{storage.url}: the EMA of a {world}-rank run lacks {', '.join(absent)}")
+    slices = safetensors_specs(storage, names[0])
+    shapes = {name: tuple(shape) for name, shape in meta["ema_shapes"].items()}
+    unknown = sorted(set(slices) - set(shapes))
+    if unknown:
+        raise ValueError(f"{storage.url}: EMA tensors {unknown[:5]} are not parameters of {card.model}")
+    specs = {name: TensorSpec(shapes[name], spec.dtype) for name, spec in slices.items()}
+
+    shapes = {name: spec.shape for name, spec in specs.items()}
+    return WeightsSource(storage.url, card, specs, lambda: iter_sharded_ema(storage, layout, world, shapes))
+
+
+def iter_sharded_ema(
+    storage: Storage, layout: str, world_size: int, shapes: Mapping[str, Sequence[int]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The full EMA tensors of the step folder ``storage`` written by ``world_size`` ranks (``ema/rank-RRRRR``
+    files cut by ``layout``), joined one tensor at a time in the order of ``shapes`` (name -> full shape): memory
+    holds one tensor and its slices."""
+    with contextlib.ExitStack() as stack:
+        readers = [stack.enter_context(_SliceReader.open(storage, ema_file_name(rank))) for rank in range(world_size)]
+        for name, shape in shapes.items():
+            yield name, join_slices([reader.read(name) for reader in readers], layout, shape)
+
+
+class _SliceReader:
+    """One rank's EMA file, open for reading its tensors by name."""
+
+    def __init__(self, handle: IO[bytes], entries: dict[str, tuple[TensorSpec, int]], where: str) -> None:
+        self.handle, self.entries, self.where = handle, entries, where
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, storage: Storage, name: str) -> Iterator[_SliceReader]:
+        with _local_file(storage, name) as path, open(path, "rb") as handle:
+            yield cls(handle, _read_header(handle, storage.url_of(name)), storage.url_of(name))
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self.entries:
+            raise ValueError(f"{self.where}: no tensor {name} (the ranks' EMA files do not match)")
+        spec, offset = self.entries[name]
+        return _read_tensor(self.handle, spec, offset, self.where)
+
+
+def open_weights(url: str, storage_options: dict[str, Any] | None = None) -> WeightsSource:
+    """The weights at ``url`` (an export folder, an export ``.safetensors``, a committed checkpoint step folder or a
+    checkpoints folder: its newest committed step), not yet read. Errors name the URL and what was expected."""
     if url.rstrip("/").endswith(".safetensors"):
-        folder, name = split_url(url)
+        folder, name, meta_name = _export_names(url)
         storage = Storage(folder, storage_options)
-        meta_name = name[: -len(".safetensors")] + ".json"
         if not storage.exists(meta_name):
             raise FileNotFoundError(f"{url}: no {meta_name} beside it naming the model (write it with "
                                     "deepflow convert or the trainer's export)")
-        return load_safetensors_bytes(storage.read_bytes(name)), _read_card(storage, meta_name)
+        return _file_source(storage, name, _read_card(storage, meta_name))
     storage = Storage(url, storage_options)
     if storage.exists(EXPORT_WEIGHTS_NAME):
-        return load_safetensors_bytes(storage.read_bytes(EXPORT_WEIGHTS_NAME)), _read_card(storage, EXPORT_META_NAME)
+        return _file_source(storage, EXPORT_WEIGHTS_NAME, _read_card(storage, EXPORT_META_NAME))
     if not storage.exists(MODEL_CARD_NAME):
         newest = CheckpointLayout(storage).newest_committed()
         if newest is None:
@@ -299,14 +629,30 @@ def load_weights(url: str, storage_options: dict[str, Any] | None = None) -> tup
                                 "committed step or the checkpoints folder (its newest committed step)")
     card = _read_card(storage, MODEL_CARD_NAME)
     full = ema_file_name(None)
-    if not storage.exists(full):
-        if storage.list(prefix="rank-", subdir="ema"):
-            raise ValueError(
-                f"{storage.url}: the EMA is sharded over ranks (FSDP / ZeRO-3); use the run's export "
-                "(<output_dir>/export, written with checkpoint.export_ema) instead"
-            )
-        raise FileNotFoundError(f"{storage.url_of(full)}: no EMA weights in this checkpoint")
-    return load_safetensors_bytes(storage.read_bytes(full)), card
+    if storage.exists(full):
+        return _file_source(storage, full, card)
+    if storage.list(prefix="rank-", subdir="ema"):
+        return _sharded_source(storage, card)
+    raise FileNotFoundError(f"{storage.url_of(full)}: no EMA weights in this checkpoint")
+
+
+def load_weights(url: str, storage_options: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], ModelCard]:
+    """Weights + card from anything :func:`open_weights` accepts (a sharded checkpoint's EMA joined); memory: the
+    weights returned (read tensor by tensor, no bytes buffer, no second copy)."""
+    source = open_weights(url, storage_options)
+    return dict(source.tensors()), source.card
+
+
+def export_checkpoint(
+    url: str,
+    out: str,
+    storage_options: dict[str, Any] | None = None,
+    out_storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Write the weights at ``url`` (a checkpoint, sharded or not, or another export) as an export at ``out``, one
+    tensor at a time (memory: the largest tensor and its slices, never the model). Returns the weights URL."""
+    source = open_weights(url, storage_options)
+    return write_export(out, source.tensors(), source.card, out_storage_options, specs=source.specs)
 
 
 # --------------------------------------------------------------------------------------------- sample sets

@@ -30,6 +30,7 @@ import logging
 import os
 import random
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -435,6 +436,21 @@ class Storage:
                 self._local_atomic(name, lambda handle: shutil.copyfileobj(source, handle, 1 << 22))
             return
         self._retry(lambda: self.fs.put_file(local_path, self.path(name)), name)
+
+    def write_file(self, name: str, write: Callable[[IO[bytes]], Any]) -> None:
+        """Write object ``name`` atomically through ``write(handle)``, which fills a seekable local binary file (for
+        objects too large to hold as bytes: a file written piece by piece). Local disks: a temporary file beside the
+        target, renamed; object stores: a temporary file under TMPDIR, uploaded (retried) and removed."""
+        if self.is_local:
+            self._local_atomic(name, write)
+            return
+        handle = tempfile.NamedTemporaryFile(prefix="deepflow-upload-", delete=False)
+        try:
+            with handle:
+                write(handle)
+            self._retry(lambda: self.fs.put_file(handle.name, self.path(name)), name)
+        finally:
+            os.remove(handle.name)
 
     def put_tree(self, local_dir: str, name: str) -> list[str]:
         """Upload every file under ``local_dir`` into folder ``name``; returns the relative names."""

@@ -122,3 +122,56 @@ def test_sample_set_names_and_caption_files(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="list of caption strings"):
         SampleSetLayout.read_captions(str(tmp_path / "bad.json"))
+
+
+def test_streamed_safetensors_are_safetensors_own_bytes_and_read_back_tensor_by_tensor(tmp_path: Path) -> None:
+    """write_safetensors (header from specs, tensors in any order) == safetensors.torch.save; read back exactly."""
+    import io
+
+    from safetensors.torch import save
+
+    from deepflow.artifacts import TensorSpec, iter_safetensors, write_safetensors
+
+    tensors = {"w": torch.randn(3, 5), "a.b": torch.ones(4), "half": torch.zeros(2, dtype=torch.bfloat16),
+               "steps": torch.arange(3), "scalar": torch.tensor(2.0), "empty": torch.zeros(0, 4),
+               "mask": torch.tensor([True, False])}
+    handle = io.BytesIO()
+    specs = {name: TensorSpec.of(t) for name, t in tensors.items()}
+    write_safetensors(handle, specs, reversed(list(tensors.items())), {"format": "pt"})
+    assert handle.getvalue() == save(tensors, metadata={"format": "pt"})
+    (tmp_path / "t.safetensors").write_bytes(handle.getvalue())
+    back = dict(iter_safetensors(Storage(str(tmp_path)), "t.safetensors"))
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
+    with pytest.raises(ValueError, match="never given"):
+        write_safetensors(io.BytesIO(), specs, [("w", tensors["w"])])
+    with pytest.raises(ValueError, match="announced as"):
+        write_safetensors(io.BytesIO(), specs, [("w", torch.zeros(5, 3))])
+
+
+def test_sharded_checkpoints_load_and_export_joined(tmp_path: Path) -> None:
+    """A sharded EMA (every layout, 2 or 3 ranks) is joined by load_weights and export_checkpoint exactly as
+    saved; without meta.json recording the layout it is refused with one clear error."""
+    from safetensors.torch import save
+
+    from deepflow.artifacts import (
+        CHECKPOINT_META_NAME, DIM0_CHUNKS, FLAT_PARTITIONS, FULL, export_checkpoint, slice_full)
+
+    full = {"w": torch.randn(5, 3), "b": torch.randn(7), "one": torch.randn(1, 2)}
+    for layout in (FULL, DIM0_CHUNKS, FLAT_PARTITIONS):
+        for world in (2, 3):
+            storage = Storage(str(tmp_path / f"{layout}-{world}"))
+            folder = step_dir_name(4)
+            storage.write_json(f"{folder}/{MODEL_CARD_NAME}", CARD.model_dump(mode="json"))
+            for rank in range(world):
+                pieces = {k: slice_full(v, layout, rank, world).contiguous() for k, v in full.items()}
+                storage.write_bytes(f"{folder}/{ema_file_name(rank)}", save(pieces))
+            meta = {"step": 4, "world_size": world, "sharded_ema": True, "ema_layout": layout,
+                    "ema_shapes": {k: list(v.shape) for k, v in full.items()}}
+            storage.write_json(f"{folder}/{CHECKPOINT_META_NAME}", meta)
+            CheckpointLayout(storage).commit(4, meta)
+            state, card = load_weights(storage.url)
+            assert card == CARD and state.keys() == full.keys()
+            assert all(torch.equal(state[k], v) for k, v in full.items()), (layout, world)
+            url = export_checkpoint(storage.url, str(tmp_path / f"export-{layout}-{world}"))
+            exported, exported_card = load_weights(url.rsplit("/", 1)[0])
+            assert exported_card == CARD and all(torch.equal(exported[k], v) for k, v in full.items())

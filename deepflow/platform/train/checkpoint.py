@@ -8,7 +8,8 @@ One checkpoint is a ``step-NNNNNNN`` folder (see :class:`deepflow.artifacts.Chec
     state/rank-00003.json   per rank: data-loader position, RNG states (torch CPU/CUDA, python, numpy)
     config.yaml             the resolved run config
     model.json              the ModelCard, so ``artifacts.load_weights(<checkpoints>)`` rebuilds the EMA model
-    meta.json               step, world size, engine, sharded_ema, ema_layout
+    meta.json               step, world size, engine, sharded_ema, ema_layout, ema_shapes (sharded: the full
+                            shapes, so that ``artifacts.load_weights`` / ``export_checkpoint`` join the slices)
     COMMIT                  written last by rank 0, after every rank has finished: the commit
 
 Readers trust only folders with COMMIT; the newest such folder is the resume point; the last ``keep_last``
@@ -21,6 +22,12 @@ Any world size resumes any checkpoint: each engine reshards its own state (:meth
 size); the EMA is read as saved when the slicing is unchanged, otherwise the saved slices are joined into full
 tensors (:meth:`Engine.assemble_full`) and this rank's slices cut out (:meth:`Engine.local_slice`); a rank that did
 not exist in the saved run gets rank 0's state file, and the state says ``saved_world_size``.
+
+Memory: a blocking save writes the EMA file from the live EMA tensors (no copy; an asynchronous one copies this
+rank's slices first, as the loop goes on changing them); a resume reads the EMA one tensor at a time (resharding
+joins and cuts one tensor at a time). The export (:func:`write_full_export`) is written by rank 0 tensor by tensor
+while the engine gathers the parameters (:meth:`Engine.iter_full`): one gathered parameter in memory, never a copy
+of the model.
 
 Asynchronous saving (``async_save``, when the engine supports it: :meth:`Engine.async_save`): the state is
 captured in the loop, then written and uploaded by a background thread; the commit happens in
@@ -38,14 +45,13 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from deepflow.artifacts import (
@@ -56,8 +62,12 @@ from deepflow.artifacts import (
     CheckpointLayout,
     ModelCard,
     ema_file_name,
+    iter_safetensors,
+    iter_sharded_ema,
     rank_state_name,
+    safetensors_specs,
     step_dir_name,
+    write_export,
 )
 from deepflow.platform.train.distributed import DistContext
 from deepflow.platform.train.ema import ShardedEMA
@@ -67,7 +77,9 @@ from deepflow.storage import Storage, set_default_mode
 __all__ = [
     "CheckpointManager",
     "capture_rng_state",
+    "full_weights",
     "restore_rng_state",
+    "write_full_export",
 ]
 
 log = logging.getLogger(__name__)
@@ -138,6 +150,11 @@ class _StepFiles:
 
 def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+
+
+def _contiguous_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors as contiguous CPU tensors, sharing memory where they already are (a blocking save's EMA)."""
+    return {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
 
 
 @dataclass
@@ -227,7 +244,7 @@ class CheckpointManager:
         start = time.perf_counter()
         self.wait()  # at most one save in flight
         use_async = self.async_save if blocking is None else not blocking
-        files, meta = self._capture(step, engine, ema, rank_state, config_yaml, card)
+        files, meta = self._capture(step, engine, ema, rank_state, config_yaml, card, copy=use_async)
         if self.ctx.is_main:
             self.layout.remove(step)  # leftovers of a crashed save of this same step
         staging = None if self.storage.is_local else tempfile.mkdtemp(prefix=f"ckpt-{step}-r{self.ctx.rank}-")
@@ -261,10 +278,12 @@ class CheckpointManager:
         rank_state: dict[str, Any],
         config_yaml: str,
         card: ModelCard | None,
+        copy: bool = True,
     ) -> tuple[_StepFiles, dict[str, Any]]:
-        """This rank's non-engine files of ``step`` (EMA copied to CPU now) and the commit metadata."""
+        """This rank's non-engine files of ``step`` and the commit metadata. ``copy``: the EMA is copied to CPU now
+        (a save the loop does not wait for); otherwise the file is written from the live EMA tensors (no copy)."""
         sharded = engine.sharded_params
-        meta = {
+        meta: dict[str, Any] = {
             "step": step,
             "world_size": self.ctx.world_size,
             "engine": engine.name,
@@ -272,6 +291,8 @@ class CheckpointManager:
             "ema_layout": engine.slice_layout,
             "time": time.time(),
         }
+        if sharded:  # what joins the slices back (artifacts.load_weights / export_checkpoint) without the model
+            meta["ema_shapes"] = {name: list(shape) for name, shape in engine.full_shapes().items()}
         main_files: dict[str, bytes] = {}
         if self.ctx.is_main:
             main_files[CHECKPOINT_CONFIG_NAME] = config_yaml.encode("utf-8")
@@ -281,7 +302,8 @@ class CheckpointManager:
         ema_tensors = None
         if ema is not None and (sharded or self.ctx.is_main):
             # unsharded: this rank's slices are the whole tensors (a ZeRO-3 world of 1 holds them flat: reshaped)
-            ema_tensors = _cpu_tensors(ema.state_dict() if sharded else engine.assemble_full([ema.state_dict()]))
+            own = ema.state_dict() if sharded else engine.assemble_full([ema.state_dict()])
+            ema_tensors = _cpu_tensors(own) if copy else _contiguous_cpu(own)
         files = _StepFiles(
             rank=self.ctx.rank,
             rank_state=rank_state,
@@ -409,21 +431,26 @@ class CheckpointManager:
         state = step_storage.read_json(rank_state_name(self.ctx.rank if self.ctx.rank < saved_world else 0))
         return {**state, "saved_world_size": saved_world}
 
-    def _read_ema(self, step_storage: Storage, meta: dict[str, Any], engine: Engine) -> dict[str, torch.Tensor]:
-        """This rank's EMA slices from the checkpoint: its own file when the slicing is unchanged, else cut out of
-        the full tensors (the full file, or every saved rank's slices joined)."""
+    def _read_ema(
+        self, step_storage: Storage, meta: dict[str, Any], engine: Engine
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """This rank's EMA slices from the checkpoint, one tensor at a time: its own file when the slicing is
+        unchanged, else cut out of the full tensors (the full file, or every saved rank's slices joined), so a
+        resume on another world size holds one full tensor at a time, never the full EMA."""
         saved_world = int(meta["world_size"])
         if not meta.get("sharded_ema"):
-            return engine.local_slice(self._read_tensors(step_storage, ema_file_name(None)))
-        layout = meta.get("ema_layout", engine.slice_layout)
-        if engine.sharded_params and saved_world == self.ctx.world_size and layout == engine.slice_layout:
-            return self._read_tensors(step_storage, ema_file_name(self.ctx.rank))
-        slices = [self._read_tensors(step_storage, ema_file_name(rank)) for rank in range(saved_world)]
-        return engine.local_slice(engine.assemble_full(slices, layout))
-
-    @staticmethod
-    def _read_tensors(step_storage: Storage, name: str) -> dict[str, torch.Tensor]:
-        return load_safetensors_bytes(step_storage.read_bytes(name))
+            full = iter_safetensors(step_storage, ema_file_name(None))
+        else:
+            layout = meta.get("ema_layout", engine.slice_layout)
+            if engine.sharded_params and saved_world == self.ctx.world_size and layout == engine.slice_layout:
+                return iter_safetensors(step_storage, ema_file_name(self.ctx.rank))
+            shapes = engine.full_shapes()
+            names = list(safetensors_specs(step_storage, ema_file_name(0)))
+            unexpected = sorted(set(names) - set(shapes))
+            if unexpected:
+                raise KeyError(f"EMA state does not match the model: unexpected {unexpected[:5]}")
+            full = iter_sharded_ema(step_storage, layout, saved_world, {name: shapes[name] for name in names})
+        return (piece for name, tensor in full for piece in engine.local_slice({name: tensor}).items())
 
     def _load_engine(self, step: int, step_storage: Storage, engine: Engine, saved_world: int) -> None:
         """``engine.load`` from the local ``engine/`` folder (downloaded to a staging folder first if remote)."""
@@ -436,3 +463,40 @@ class CheckpointManager:
             engine.load(staging, saved_world)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ exports
+def full_weights(engine: Engine, ema: ShardedEMA | None) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """Collective generator: the full EMA weights (the live weights without EMA), fp32 CPU, one parameter at a time
+    on rank 0 ((name, None) elsewhere): :meth:`Engine.iter_full`; every rank runs it to its end."""
+    return engine.iter_full(ema.state_dict() if ema is not None else engine.live_weights())
+
+
+def drain(stream: Iterator[Any]) -> None:
+    """Run the rest of a collective generator (this rank's part of its collectives), dropping what it yields."""
+    for _ in stream:
+        pass
+
+
+def write_full_export(
+    engine: Engine,
+    ema: ShardedEMA | None,
+    url: str,
+    card: ModelCard | None,
+    storage_options: dict[str, Any] | None = None,
+) -> str | None:
+    """Collective: the full EMA weights (live weights without EMA) + ``card`` as an export at ``url``, written by
+    rank 0 tensor by tensor while the engine gathers them (:func:`full_weights`): rank 0's extra memory is one
+    gathered parameter, never a copy of the model. Returns the weights URL on rank 0, None elsewhere.
+
+    If rank 0's write fails, it still runs the gather to its end (the other ranks are in its collectives), then
+    raises; the export is absent or the previous one (the weights file is replaced atomically)."""
+    stream = full_weights(engine, ema)
+    if not engine.ctx.is_main:
+        drain(stream)
+        return None
+    assert card is not None, "rank 0 writes the export's model card"
+    try:
+        return write_export(url, stream, card, storage_options, specs=engine.full_specs())
+    finally:
+        drain(stream)

@@ -14,7 +14,8 @@ images (``arr_0``, NHWC or NCHW), or ``data``: the first ``reference_samples`` i
 datasets); without a reference, an extractor that carries its own (the small-data classifier) is used.
 
 By default rank 0 does everything; with ``eval.all_ranks`` every rank samples its share of ``num_samples`` and the
-features are gathered to rank 0 (the full EMA weights are broadcast first).
+features are gathered to rank 0 (the full EMA weights are broadcast first, tensor by tensor into every rank's
+evaluation model as they are gathered: no rank holds a gathered copy of the model beside it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import io
 import math
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +41,11 @@ from deepflow.platform.train.distributed import DistContext
 from deepflow.platform.train.tb_logging import TrainLogger, console_logger
 from deepflow.storage import join_url, read_url_bytes, write_url_bytes
 
-__all__ = ["EvalSamples", "Evaluator", "eval_line", "make_grid_uint8"]
+__all__ = ["EvalSamples", "Evaluator", "Weights", "eval_line", "make_grid_uint8"]
+
+#: full weights for an evaluation: a dict, None (ranks other than 0), or (name, tensor | None) pairs as they are
+#: gathered (``Trainer.ema_weights``)
+Weights = Mapping[str, torch.Tensor] | Iterable[tuple[str, "torch.Tensor | None"]] | None
 
 
 def eval_line(step: int, metrics: dict[str, float], num_samples: int, seconds: float) -> str:
@@ -160,11 +166,38 @@ class Evaluator:
         return torch.cat(images)[:count]
 
     # ------------------------------------------------------------------------------------------------ run
-    def _broadcast_weights(self, weights: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        box = [weights]
-        dist.broadcast_object_list(box, src=0)
-        assert box[0] is not None
-        return box[0]
+    def load_weights(self, weights: Weights) -> None:
+        """Copy full weights into the evaluation model, one tensor at a time: ``weights`` is a dict (rank 0), None
+        (other ranks), or (name, tensor | None) pairs produced as a gather runs (``Trainer.ema_weights``: rank 0's
+        tensors, None elsewhere; every rank consumes it to its end). With ``eval.all_ranks`` each tensor is
+        broadcast from rank 0 straight into every rank's parameter. Memory: the model, plus one tensor in flight."""
+        broadcast = self.cfg.eval.all_ranks and self.ctx.distributed
+        targets = dict(self.model.state_dict()) if self.model is not None else {}
+        if weights is None or isinstance(weights, Mapping):
+            given = weights
+            names = list(targets) if self.model is not None else []
+            pairs: Iterable[tuple[str, torch.Tensor | None]] = (
+                (name, None if given is None else given.get(name)) for name in names
+            )
+        else:
+            pairs = weights
+        seen: set[str] = set()
+        for name, tensor in pairs:
+            target = targets.get(name)
+            if target is None:
+                if self.model is not None:
+                    raise KeyError(f"evaluation weights: {name} is not a tensor of {self.cfg.model.name}")
+                continue
+            if self.ctx.is_main:
+                if tensor is None:
+                    raise KeyError(f"evaluation weights: {name} missing")
+                target.copy_(tensor)
+            if broadcast:
+                dist.broadcast(target, src=0)
+            seen.add(name)
+        missing = sorted(set(targets) - seen)
+        if missing and (self.ctx.is_main or broadcast):
+            raise KeyError(f"evaluation weights: missing {missing[:5]}")
 
     def samples(self, count: int, offset: int) -> EvalSamples:
         """Samples ``offset`` .. ``offset + count - 1`` of the current weights, ``eval.batch_size`` at a time."""
@@ -193,15 +226,15 @@ class Evaluator:
     def _world(self) -> int:
         return self.ctx.world_size if (self.cfg.eval.all_ranks and self.ctx.distributed) else 1
 
-    def run(self, weights: dict[str, torch.Tensor] | None, step: int) -> dict[str, float]:
-        """Collective when ``eval.all_ranks``. ``weights``: full EMA weights on rank 0 (None elsewhere)."""
-        if self.cfg.eval.all_ranks and self.ctx.distributed:
-            weights = self._broadcast_weights(weights)
+    def run(self, weights: Weights, step: int) -> dict[str, float]:
+        """Collective when ``eval.all_ranks`` (or when ``weights`` is a collective gather). ``weights``: the full
+        EMA weights on rank 0 (see :meth:`load_weights`)."""
+        started = time.perf_counter()
+        with torch.no_grad():
+            self.load_weights(weights)
         if not self.active:
             return {}
-        assert self.model is not None and weights is not None
-        started = time.perf_counter()
-        self.model.load_state_dict({k: v.to(self.ctx.device) for k, v in weights.items()})
+        assert self.model is not None
         offset, count = self._share()
         batch = self.samples(count, offset)
         feats = self._features(batch.images) if self.extractor is not None and len(batch.images) else None

@@ -25,13 +25,14 @@ import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from deepflow.artifacts import ModelCard, write_export
+from deepflow.artifacts import ModelCard
 from deepflow.errors import USER_ERRORS, UserError
 from deepflow.models import DeepFlowDiT, DeepFlowMMDiT
 from deepflow.models.conditions import condition_from_batch
@@ -39,7 +40,9 @@ from deepflow.models.flow import FlowDraws, gap_sign
 from deepflow.platform.train.checkpoint import (
     CheckpointManager,
     capture_rng_state,
+    full_weights,
     restore_rng_state,
+    write_full_export,
 )
 from deepflow.platform.train.config import (
     ConfigError,
@@ -519,23 +522,23 @@ class Trainer:
             window.update({"start": now, "steps": 0, "wait": 0.0, "sums": {}, "count": 0})
 
     # ------------------------------------------------------------------------------------ eval/export
-    def ema_weights(self) -> dict[str, torch.Tensor] | None:
-        """Collective: full EMA weights (fp32, CPU) on rank 0; the live weights when EMA is disabled."""
-        if self.ema is None:
-            return self.engine.full_state_dict()
-        return self.engine.gather_full(self.ema.state_dict())
+    def ema_weights(self) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Collective generator (every rank runs it to its end): the full EMA weights (fp32, CPU; the live weights
+        when EMA is disabled) one parameter at a time on rank 0, (name, None) elsewhere."""
+        return full_weights(self.engine, self.ema)
 
     def evaluate(self) -> dict[str, float]:
+        """Collective: the evaluator loads the EMA weights as they are gathered (no gathered copy of the model)."""
         assert self.evaluator is not None
-        weights = self.ema_weights()
-        return self.evaluator.run(weights, self.step)
+        return self.evaluator.run(self.ema_weights(), self.step)
 
     def export(self) -> None:
-        """Collective: the EMA weights (live weights without EMA) + model card to ``<run.output_dir>/export``."""
-        weights = self.ema_weights()
-        if self.ctx.is_main and weights is not None:
-            url = join_url(self.cfg.run.output_dir, "export")
-            written = write_export(url, weights, self.model_card(), self.cfg.output_storage_options())
+        """Collective: the EMA weights (live weights without EMA) + model card to ``<run.output_dir>/export``,
+        written tensor by tensor while they are gathered (rank 0 holds one gathered parameter at a time)."""
+        url = join_url(self.cfg.run.output_dir, "export")
+        card = self.model_card() if self.ctx.is_main else None
+        written = write_full_export(self.engine, self.ema, url, card, self.cfg.output_storage_options())
+        if written is not None:
             self.log.info(f"exported EMA weights to {written}")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -21,7 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from deepflow.models.conditions import Condition
 from deepflow.platform.train.distributed import DistContext
-from deepflow.platform.train.engines.base import AsyncSave, Engine, OptimizerSettings, build_adamw, clipped_step
+from deepflow.platform.train.engines.base import (
+    AsyncSave,
+    Engine,
+    OptimizerSettings,
+    build_adamw,
+    clipped_step,
+    iter_cpu_fp32,
+)
 from deepflow.storage import set_default_mode
 
 __all__ = ["DDPEngine", "MODEL_FILE"]
@@ -30,14 +37,15 @@ __all__ = ["DDPEngine", "MODEL_FILE"]
 MODEL_FILE = "model.safetensors"
 
 
-def _cpu_copy(value: Any) -> Any:
-    """Deep copy of a (nested) state dict with every tensor cloned to CPU."""
+def _cpu_copy(value: Any, copy: bool = True) -> Any:
+    """A (nested) state dict with every tensor on the CPU: cloned (``copy``: a snapshot the loop may not change),
+    or shared where it already is a CPU tensor."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        return value.detach().to("cpu", copy=copy)
     if isinstance(value, dict):
-        return {key: _cpu_copy(item) for key, item in value.items()}
+        return {key: _cpu_copy(item, copy) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_cpu_copy(item) for item in value)
+        return type(value)(_cpu_copy(item, copy) for item in value)
     return value
 
 
@@ -104,10 +112,9 @@ class DDPEngine(Engine):
     def named_local_params(self) -> dict[str, torch.Tensor]:
         return {name: p for name, p in self.model.named_parameters()}
 
-    def gather_full(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        if not self.ctx.is_main:
-            return None
-        return {name: t.detach().to("cpu", torch.float32, copy=True) for name, t in local.items()}
+    def iter_full(self, local: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Replicated: rank 0 yields its own tensors (views when CPU fp32), no collectives."""
+        return iter_cpu_fp32(local, iter(dict(self.model.named_parameters())), self.ctx.is_main)
 
     # -------------------------------------------------------------------------------------------- state
     def _state(self) -> dict[str, Any]:
@@ -118,8 +125,9 @@ class DDPEngine(Engine):
         }
 
     def save(self, local_dir: str) -> None:
+        """Rank 0 writes the live state (CPU tensors as they are, no snapshot: the loop waits for this save)."""
         if self.ctx.is_main:
-            _write_state(_cpu_copy(self._state()), local_dir)
+            _write_state(_cpu_copy(self._state(), copy=False), local_dir)
         self.ctx.barrier()
 
     def async_save(self, local_dir: str) -> AsyncSave:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -108,8 +108,9 @@ class FSDPEngine(Engine):
             name: (p.to_local() if isinstance(p, DTensor) else p) for name, p in self.model.named_parameters()
         }
 
-    def gather_full(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        full: dict[str, torch.Tensor] = {}
+    def iter_full(self, local: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """One all-gather per parameter (``DTensor.full_tensor``): each rank holds one full parameter at a time;
+        rank 0 yields it (already a new CPU fp32 tensor on CPU runs: no further copy)."""
         for name, param in self.model.named_parameters():
             shard = local[name]
             if isinstance(param, DTensor):
@@ -123,9 +124,8 @@ class FSDPEngine(Engine):
                 ).full_tensor()
             else:
                 tensor = shard
-            if self.ctx.is_main:
-                full[name] = tensor.detach().to("cpu", torch.float32, copy=True)
-        return full if self.ctx.is_main else None
+            yield name, (tensor.detach().to("cpu", torch.float32) if self.ctx.is_main else None)
+            del tensor
 
     # -------------------------------------------------------------------------------------------- state
     def save(self, local_dir: str) -> None:
