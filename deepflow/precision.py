@@ -24,14 +24,16 @@ from typing import Literal
 
 import torch
 
-__all__ = ["EMULATED_BF16_SLOWDOWN", "PRECISIONS", "PrecisionChoice", "choose_precision", "native_bf16"]
+__all__ = ["EMULATED_BF16_SAMPLING_SLOWDOWN", "EMULATED_BF16_SLOWDOWN", "PRECISIONS", "PrecisionChoice", "choose_precision", "native_bf16"]
 
 Precision = Literal["fp32", "bf16", "fp16"]
 #: what a config may ask for; ``auto`` resolves through :func:`choose_precision`
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-#: bf16 autocast / fp32 step time of the demo model's training step on a 2-core AMD EPYC with AVX2 only
-#: (``python bench/bench_precision.py``, 2026-12-07; the sampling forward pass is slower by about the same)
-EMULATED_BF16_SLOWDOWN = 5.8
+#: bf16 autocast / fp32 time of the demo model's training step (batch 64) on a 2-core AMD EPYC with AVX2 only
+#: (``python bench/bench_precision.py``, 2026-12-07, median of interleaved runs: 7.71 vs 0.48 s)
+EMULATED_BF16_SLOWDOWN = 16
+#: the same for its sampling forward pass (1.02 vs 0.13 s)
+EMULATED_BF16_SAMPLING_SLOWDOWN = 7.6
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,8 @@ def choose_precision(requested: str, device: torch.device) -> PrecisionChoice:
     if requested == "auto":
         return PrecisionChoice("bf16" if native else "fp32", requested, reason)
     if requested == "bf16" and device.type == "cpu" and not native:
-        warning = (f"warning: precision: bf16 on a CPU without native bf16 instructions is emulated, about "
-                   f"{EMULATED_BF16_SLOWDOWN:g}x slower than fp32 (bench/bench_precision.py); precision auto picks "
-                   "fp32 here")
+        warning = (f"warning: precision: bf16 on a CPU without native bf16 instructions is emulated: "
+                   f"{EMULATED_BF16_SLOWDOWN:g}x slower than fp32 in training, {EMULATED_BF16_SAMPLING_SLOWDOWN:g}x in "
+                   "sampling on a 2-core AVX2 CPU (bench/bench_precision.py); precision auto picks fp32 here")
         return PrecisionChoice("bf16", requested, reason, warning)
     return PrecisionChoice(requested, requested, "asked for")  # type: ignore[arg-type]

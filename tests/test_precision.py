@@ -45,7 +45,7 @@ def test_forced_bf16_is_kept_and_warns_only_where_emulated() -> None:
     if NATIVE:
         assert choice.warning is None
     else:
-        assert choice.warning is not None and f"{EMULATED_BF16_SLOWDOWN:g}x slower than fp32" in choice.warning
+        assert choice.warning is not None and f"{EMULATED_BF16_SLOWDOWN:g}x slower than fp32 in training" in choice.warning
     assert choose_precision("fp32", CPU).warning is None
     with pytest.raises(ValueError, match=r"^precision: must be one of auto, fp32, bf16, fp16, got 'fp8'"):
         choose_precision("fp8", CPU)
