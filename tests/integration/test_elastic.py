@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train_support import (  # noqa: E402
+    RESHARD_ENGINES as ENGINES,
     REPO,
     TRAIN,
     _env,
@@ -44,11 +45,6 @@ from test_train_support import (  # noqa: E402
     write_config,
 )
 
-ENGINES: dict[str, list[str]] = {
-    "ddp": ["distributed.engine=ddp"],
-    "fsdp": ["distributed.engine=fsdp"],
-    "zero2": ["distributed.engine=deepspeed", "distributed.zero_stage=2"],
-}
 STEPS, EVERY, KILL_AT = 60, 10, 13
 # a slow step (the losses do not depend on it) so that the kill and the join land at predictable steps
 STEP_SLEEP_S = 0.25

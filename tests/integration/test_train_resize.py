@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train_support import (  # noqa: E402
+    RESHARD_ENGINES as ENGINES,
     base_overrides,
     losses_by_step,
     make_digits_dataset,
@@ -25,11 +26,6 @@ from test_train_support import (  # noqa: E402
     write_config,
 )
 
-ENGINES: dict[str, list[str]] = {
-    "ddp": ["distributed.engine=ddp"],
-    "fsdp": ["distributed.engine=fsdp"],
-    "zero2": ["distributed.engine=deepspeed", "distributed.zero_stage=2"],
-}
 SPLIT, STEPS = 4, 8
 
 

@@ -43,6 +43,14 @@ def make_digits_dataset(url: str, storage_options: dict[str, Any] | None = None)
     )
 
 
+#: one engine of each state layout (replicated, dim-0 shards, flat partitions): the resize and elastic tests
+RESHARD_ENGINES: dict[str, list[str]] = {
+    "ddp": ["distributed.engine=ddp"],
+    "fsdp": ["distributed.engine=fsdp"],
+    "zero2": ["distributed.engine=deepspeed", "distributed.zero_stage=2"],
+}
+
+
 def base_overrides(data_url: str, output_dir: str, steps: int = 30, **extra: Any) -> list[str]:
     """Overrides of a tiny, fast run (on top of no config file at all: every other field keeps its default)."""
     overrides = TINY_MODEL + [
