@@ -97,6 +97,18 @@ def _chunks_by_stream(batch: dict, chunk: int) -> dict[int, tuple]:
                      batch["y"][i * chunk:(i + 1) * chunk]) for i, stream in enumerate(batch["streams"])}
 
 
+def _steps(group: list[ShardLoader], count: int, rows: int) -> list[dict[int, tuple]]:
+    """``count`` global batches of the ranks' loaders ``group``: per step, stream -> its chunk of ``rows`` rows."""
+    iterators = [iter(loader) for loader in group]
+    out = []
+    for _ in range(count):
+        merged: dict[int, tuple] = {}
+        for iterator in iterators:
+            merged.update(_chunks_by_stream(next(iterator), rows))
+        out.append(merged)
+    return out
+
+
 def _assert_same_chunks(got: dict[int, tuple], expected: dict[int, tuple]) -> None:
     assert got.keys() == expected.keys()
     for stream, (keys, x, y) in got.items():
@@ -113,35 +125,25 @@ def test_the_global_batch_does_not_depend_on_ranks_or_workers_and_resumes_on_ano
         return [ShardLoader(digits_dataset, batch_size=48 // world, rank=r, world_size=world, num_workers=workers,
                             streams=4, shuffle_buffer=150, seed=3, with_keys=True) for r in range(world)]
 
-    def steps(group: list[ShardLoader], count: int) -> list[dict[int, tuple]]:
-        iterators = [iter(loader) for loader in group]
-        out = []
-        for _ in range(count):
-            merged: dict[int, tuple] = {}
-            for iterator in iterators:
-                merged.update(_chunks_by_stream(next(iterator), 12))
-            out.append(merged)
-        return out
-
     single = loaders(1, 0)
-    reference = steps(single, 50)  # > 1 epoch of every stream (1797 / 48 = 37 steps)
+    reference = _steps(single, 50, 12)  # > 1 epoch of every stream (1797 / 48 = 37 steps)
     for group in (loaders(1, 3), loaders(2, 2)):
-        for got, expected in zip(steps(group, 50), reference):
+        for got, expected in zip(_steps(group, 50, 12), reference):
             _assert_same_chunks(got, expected)
         for loader in group:
             loader.close()
     two = loaders(2, 1)
-    steps(two, 20)
+    _steps(two, 20, 12)
     state = json.loads(json.dumps(ShardLoader.merge_states([loader.state_dict() for loader in two])))
     one = loaders(1, 2)
     one[0].load_state_dict(state)
-    after = steps(one, 10)
+    after = _steps(one, 10, 12)
     for got, expected in zip(after, reference[20:30]):
         _assert_same_chunks(got, expected)
     back = loaders(2, 0)
     for loader in back:
         loader.load_state_dict(one[0].state_dict())
-    for got, expected in zip(steps(back, 10), reference[30:40]):
+    for got, expected in zip(_steps(back, 10, 12), reference[30:40]):
         _assert_same_chunks(got, expected)
     for loader in [*single, *two, *one, *back]:
         loader.close()
@@ -216,34 +218,24 @@ def test_order_with_an_unreadable_shard_does_not_depend_on_ranks_workers_or_resu
         return [ShardLoader(url, batch_size=48 // world, rank=r, world_size=world, num_workers=workers, streams=8,
                             shuffle_buffer=150, seed=5, with_keys=True, worker_mode=mode) for r in range(world)]
 
-    def steps(group: list[ShardLoader], count: int) -> list[dict[int, tuple]]:
-        iterators = [iter(loader) for loader in group]
-        out = []
-        for _ in range(count):
-            merged: dict[int, tuple] = {}
-            for iterator in iterators:
-                merged.update(_chunks_by_stream(next(iterator), 6))
-            out.append(merged)
-        return out
-
     reference_group = loaders(1, 0)
-    reference = steps(reference_group, 80)  # > 2 epochs (about 35 steps each)
+    reference = _steps(reference_group, 80, 6)  # > 2 epochs (about 35 steps each)
     assert reference_group[0].stats["num_unreadable_shards"] == 1
     for group in (loaders(2, 0), loaders(1, 3), loaders(2, 2, "process")):
-        for got, expected in zip(steps(group, 80), reference):
+        for got, expected in zip(_steps(group, 80, 6), reference):
             _assert_same_chunks(got, expected)
         assert len({name for loader in group for name in loader.unreadable}) == 1
         for loader in group:
             loader.close()
     two = loaders(2, 1)
-    steps(two, 20)
+    _steps(two, 20, 6)
     state = json.loads(json.dumps(ShardLoader.merge_states([loader.state_dict() for loader in two])))
     one = loaders(1, 2)
     one[0].load_state_dict(state)
     assert len(one[0].unreadable) == 1  # known from the state: not read again
     caplog.clear()
     with caplog.at_level("WARNING", logger="deepflow.data_pipeline"):
-        after = steps(one, 40)
+        after = _steps(one, 40, 6)
     assert not skip_messages(caplog)
     for got, expected in zip(after, reference[20:60]):
         _assert_same_chunks(got, expected)

@@ -148,13 +148,10 @@ class _StepFiles:
             handle.write(data)
 
 
-def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
-
-
-def _contiguous_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors as contiguous CPU tensors, sharing memory where they already are (a blocking save's EMA)."""
-    return {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+def _cpu_tensors(tensors: dict[str, torch.Tensor], copy: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors as contiguous CPU tensors: new copies (``copy``: a save the loop goes on changing the tensors
+    under), else sharing memory where they already are (a blocking save's EMA)."""
+    return {name: t.detach().to("cpu", copy=copy).contiguous() for name, t in tensors.items()}
 
 
 @dataclass
@@ -303,7 +300,7 @@ class CheckpointManager:
         if ema is not None and (sharded or self.ctx.is_main):
             # unsharded: this rank's slices are the whole tensors (a ZeRO-3 world of 1 holds them flat: reshaped)
             own = ema.state_dict() if sharded else engine.assemble_full([ema.state_dict()])
-            ema_tensors = _cpu_tensors(own) if copy else _contiguous_cpu(own)
+            ema_tensors = _cpu_tensors(own, copy)
         files = _StepFiles(
             rank=self.ctx.rank,
             rank_state=rank_state,
