@@ -77,7 +77,7 @@ def choose_precision(requested: str, device: torch.device) -> PrecisionChoice:
     if requested == "auto":
         return PrecisionChoice("bf16" if native else "fp32", requested, reason)
     if requested == "bf16" and device.type == "cpu" and not native:
-        warning = (f"warning: precision: bf16 on a CPU without native bf16 instructions is emulated: "
+        warning = (f"precision: bf16 on a CPU without native bf16 instructions is emulated: "
                    f"{EMULATED_BF16_SLOWDOWN:g}x slower than fp32 in training, {EMULATED_BF16_SAMPLING_SLOWDOWN:g}x in "
                    "sampling on a 2-core AVX2 CPU (bench/bench_precision.py); precision auto picks fp32 here")
         return PrecisionChoice("bf16", requested, reason, warning)

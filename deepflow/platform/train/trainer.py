@@ -149,7 +149,7 @@ class Trainer:
         self.precision = choose_precision(cfg.precision, ctx.device)
         cfg = cfg.model_copy(update={"precision": self.precision.precision})
         if self.precision.warning and ctx.is_main:
-            self.log.warning(self.precision.warning)
+            self.log.warning(f"warning: {self.precision.warning}")  # this console shows no level names
         self.cfg = cfg
         self.config_yaml = config_to_yaml(cfg)
         model = _build_model(cfg)
