@@ -71,6 +71,9 @@ def _build(case: str, ctx: Any, seed: int) -> tuple[Any, Any]:
     model = create_model("DeepFlow-S/2-2T", depth=2, hidden_size=32, num_heads=2, input_size=8, in_channels=1,
                          num_classes=10, acc_widths=(16, 16, 16))
     engine = build_engine(cfg, model, ctx)
+    if case == "zero3":  # fp32: the master partition IS the working partition (no second copy of the weights)
+        groups = zip(engine.optimizer.fp16_partitioned_groups_flat, engine.optimizer.fp32_partitioned_groups_flat)
+        assert all(working.data_ptr() == master.data_ptr() for working, master in groups)
     return engine, ShardedEMA(engine.named_local_params(), decay=0.5)
 
 
