@@ -8,7 +8,8 @@ pushes away from. The only place that tells class-conditional from text-to-image
   manifest records); the null condition is the dataset's empty-caption encoding (``text_null.safetensors``).
 
 Builders: :func:`dataset_plan` (periodic evaluation: the training data's classes or captions) and
-:func:`sampling_plan` (the batch sampling job: ``labels`` / ``captions`` / ``dataset`` settings).
+:func:`sampling_plan` (the batch sampling job: ``labels`` / ``captions`` / ``dataset`` settings). A caption dataset
+is read through one :class:`~deepflow.platform.inference.prompts.DatasetHandle`: its manifest is read once per job.
 """
 from __future__ import annotations
 
@@ -21,9 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepflow.artifacts import Manifest, ModelCard, SampleSetLayout
+from deepflow.artifacts import ModelCard, SampleSetLayout
 from deepflow.models.conditions import condition_to
-from deepflow.platform.inference import prompts
+from deepflow.platform.inference.prompts import (
+    DatasetHandle,
+    encode_prompts,
+    encoder_null,
+    open_dataset,
+    text_encoder_config,
+)
 from deepflow.storage import read_url_bytes
 
 __all__ = ["ClassPlan", "ConditionPlan", "TextPlan", "dataset_plan", "label_plan", "sampling_plan", "seed_for"]
@@ -128,19 +135,20 @@ def _is_text_model(model: torch.nn.Module) -> bool:
 # -------------------------------------------------------------------------------------------- periodic eval
 def dataset_plan(
     model: torch.nn.Module,
-    data_url: str,
+    dataset: DatasetHandle | str,
     offset: int,
     count: int,
     storage_options: dict[str, Any] | None = None,
-    manifest: Manifest | None = None,
 ) -> ConditionPlan:
     """Samples ``offset`` .. ``offset + count - 1`` conditioned like the training data: class ``i % C``, or the
-    first caption of dataset sample ``i`` (manifest order) with its stored embedding."""
+    first caption of dataset sample ``i`` (manifest order) with its stored embedding. ``dataset``: the training
+    data's handle, or its URL (opened here with ``storage_options``, for a text model only: a class model reads
+    nothing)."""
     if not _is_text_model(model):
         return ClassPlan(label_plan("cyclic", offset + count, model.num_classes, seed=0), model.num_classes)
-    stored = prompts.dataset_prompts(data_url, max(count, 1), storage_options, start=offset)
-    null = prompts.read_null_text(data_url, storage_options, manifest)
-    return TextPlan(stored.captions[:count], null, lambda positions: stored.select(positions).cond, offset)
+    data = dataset if isinstance(dataset, DatasetHandle) else open_dataset(dataset, storage_options)
+    stored = data.prompts(max(count, 1), start=offset)
+    return TextPlan(stored.captions[:count], data.null_text(), lambda positions: stored.select(positions).cond, offset)
 
 
 # ------------------------------------------------------------------------------------------- batch sampling
@@ -186,35 +194,34 @@ def _caption_plan(
     """Captions from the dataset or a file (cycled to ``num_samples``), embedded with the manifest's encoder; the
     dataset's stored embeddings when that encoder cannot be rebuilt (random weights) and the captions are its own."""
     data_url = dataset or card.data_url
-    data_options = storage_options(data_url) if data_url else None
+    data = open_dataset(data_url, storage_options(data_url)) if data_url else None  # its manifest: read once, here
     manifest = card.manifest
-    if data_url and (dataset or manifest is None):
-        manifest = prompts.dataset_manifest(data_url, data_options)  # an explicit dataset describes the features
+    if data is not None and (dataset or manifest is None):
+        manifest = data.manifest  # an explicit dataset describes the features
     if manifest is None or manifest.text is None:
         raise ValueError(f"dataset: {card.model} is a text-to-image model but no caption-dataset manifest is known "
                          "(model card 'manifest' / 'data_url'); give the caption dataset URL")
     if spec == "dataset":
-        if not data_url:
+        if data is None:
             raise ValueError("dataset: captions 'dataset' needs the caption dataset URL, and the model card names none")
-        listed = prompts.dataset_captions(data_url, num_samples, data_options)
+        listed = data.captions(num_samples)
     else:
         listed = SampleSetLayout.read_captions(spec, storage_options(spec))
     chosen = [listed[i % len(listed)] for i in range(num_samples)]
     try:
-        encoder_config = prompts.text_encoder_config(manifest)
+        encoder_config = text_encoder_config(manifest)
     except ValueError:
         if spec != "dataset":
             raise
-        assert data_url is not None
-        stored = prompts.dataset_prompts(data_url, num_samples, data_options)
-        null = prompts.read_null_text(data_url, data_options, manifest)
-        return TextPlan(chosen, null, lambda positions: stored.select(positions).cond)
+        assert data is not None
+        stored = data.prompts(num_samples)
+        return TextPlan(chosen, data.null_text(), lambda positions: stored.select(positions).cond)
     from deepflow.data_pipeline.text_encoders import build_text_encoder
 
     encoder = build_text_encoder(encoder_config.model_copy(update={"batch_size": text_batch_size}), device)
-    null = prompts.read_null_text(data_url, data_options, manifest) if data_url else prompts.encoder_null(encoder)
+    null = data.null_text() if data is not None else encoder_null(encoder)
 
     def embed(positions: np.ndarray) -> TextCondition:
-        return prompts.encode_prompts([chosen[int(p)] for p in positions], manifest, encoder=encoder).cond
+        return encode_prompts([chosen[int(p)] for p in positions], manifest, encoder=encoder).cond
 
     return TextPlan(chosen, null, embed)

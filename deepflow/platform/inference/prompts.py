@@ -5,40 +5,42 @@ width (``text.pooled_dim``). A :class:`Prompts` holds n caption strings and the 
 ``{"text_emb": float [n,L,D], "text_mask": bool [n,L], "text_pooled": float [n,P]}`` (the loader's batch keys,
 see ``deepflow.models.conditions``; float16 as stored in the shards, float32 when encoded here).
 
-Prompts come from
-- a caption dataset (:func:`dataset_prompts`): the first samples of its shards in manifest order, each with its
-  FIRST caption and the embedding the precompute job stored for it (nothing is re-encoded), or
-- caption strings (:func:`encode_prompts`), encoded with the text encoder the dataset manifest records
-  (``text.encoder``: same library, model, pooling, max length), so the embeddings match the training ones.
-
-The null condition for classifier-free guidance is the empty caption's encoding stored by the precompute job
-(``text_null.safetensors``, :func:`read_null_text`).
+A caption dataset is opened once (:func:`open_dataset`, which reads its manifest) and passed around as a
+:class:`DatasetHandle`; everything read from it goes through the handle and its one manifest:
+- :meth:`DatasetHandle.prompts`: the first samples of its shards in manifest order, each with its FIRST caption and
+  the embedding the precompute job stored for it (nothing is re-encoded); :meth:`DatasetHandle.captions`: the same
+  caption strings without the embeddings;
+- :meth:`DatasetHandle.null_text`: the null condition for classifier-free guidance, the empty caption's encoding
+  stored by the precompute job (``text_null.safetensors``);
+- :meth:`DatasetHandle.text_encoder_config`: the text encoder the manifest records (``text.encoder``: same library,
+  model, pooling, max length), with which :func:`encode_prompts` encodes caption strings so that the embeddings match
+  the training ones. It takes a bare :class:`Manifest` too (a model card carries one without its dataset).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
 
 from deepflow.artifacts import Manifest, TextFeatures, read_manifest
-from deepflow.data_pipeline.loader import read_shards, split_dataset_url
+from deepflow.data_pipeline.loader import split_dataset_url
+from deepflow.data_pipeline.shards import Block, decode_shard
 from deepflow.models.conditions import TEXT_KEYS
 from deepflow.storage import Storage
 
 __all__ = [
+    "DatasetHandle",
     "Prompts",
-    "dataset_manifest",
-    "encoder_null",
-    "read_null_text",
-    "dataset_prompts",
-    "dataset_captions",
-    "normalize_caption",
-    "text_encoder_config",
     "encode_prompts",
+    "encoder_null",
+    "normalize_caption",
+    "open_dataset",
+    "text_encoder_config",
 ]
 
 TextCondition = dict[str, torch.Tensor]
@@ -68,11 +70,6 @@ class Prompts:
         return Prompts([self.captions[int(i)] for i in rows], {k: v[rows] for k, v in self.cond.items()})
 
 
-def dataset_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
-    """The typed manifest of a dataset URL (a folder, its ``manifest.json`` or a shard pattern)."""
-    return read_manifest(split_dataset_url(url)[0], storage_options)
-
-
 def _text_section(manifest: Manifest, url: str) -> TextFeatures:
     if manifest.text is None:
         raise ValueError(f"{url}: not a caption dataset (manifest 'text' is null): no captions or text embeddings")
@@ -83,92 +80,123 @@ def _float32(arrays: dict[str, np.ndarray]) -> TextCondition:
     return {k: torch.from_numpy(v.astype(np.float32) if v.dtype.kind == "f" else v.copy()) for k, v in arrays.items()}
 
 
-def read_null_text(
-    url: str, storage_options: dict[str, Any] | None = None, manifest: Manifest | None = None
-) -> TextCondition:
-    """The empty caption's encoding: ``text_emb`` float32 [L,D], ``text_mask`` bool [L], ``text_pooled`` float32 [P]."""
-    from safetensors.numpy import load
+# ------------------------------------------------------------------------------------------------ the dataset
+def open_dataset(url: str, storage_options: dict[str, Any] | None = None) -> DatasetHandle:
+    """The dataset at ``url`` (a folder, its ``manifest.json`` or a shard pattern), its manifest read once, here.
 
-    manifest = manifest if manifest is not None else dataset_manifest(url, storage_options)
-    text = _text_section(manifest, url)
-    return _float32(load(Storage(split_dataset_url(url)[0], storage_options).read_bytes(text.null)))
+    Every shard of the manifest is used (a shard pattern only locates the folder), as the data loader's inspection
+    reader :func:`deepflow.data_pipeline.loader.read_shards` does."""
+    return DatasetHandle(url, storage_options, read_manifest(split_dataset_url(url)[0], storage_options))
 
 
-def encoder_null(encoder: Any) -> TextCondition:
-    """The empty caption encoded by ``encoder`` (a data-pipeline text encoder), as :func:`read_null_text` gives it."""
-    return _float32(encoder.null())
+@dataclass(frozen=True, eq=False)
+class DatasetHandle:
+    """One opened dataset: its URL, storage options and manifest (read once, by :func:`open_dataset`; build one
+    directly from a manifest already read, e.g. the data loader's, to read none). The methods read shards and the
+    null text through this manifest and never read it again; :meth:`null_text` is cached after its first read."""
 
+    url: str
+    storage_options: dict[str, Any] | None
+    manifest: Manifest
 
-def dataset_prompts(
-    url: str, count: int, storage_options: dict[str, Any] | None = None, caption_index: int = 0, start: int = 0
-) -> Prompts:
-    """Prompts number ``start`` .. ``start + count - 1`` of a caption dataset: prompt p is sample ``p mod n`` of the
-    shards in manifest order (n samples; a small dataset cycles) with its caption number ``caption_index`` (or its
-    last one if it has fewer) and the stored embedding, kept in the stored float16 (convert with
-    ``condition_to(..., dtype=torch.float32)``). Reads shards in order and stops once the range is covered."""
-    if count < 1 or start < 0:
-        raise ValueError(f"dataset prompts: need count >= 1 and start >= 0, got count={count}, start={start}")
-    _text_section(dataset_manifest(url, storage_options), url)
-    captions: list[str] = []
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in TEXT_KEYS}
-    stop = start + count
-    position = 0  # prompt number of the next sample read (grows over repeated passes)
-    while position < stop:
-        seen = 0
-        for name, block in read_shards(url, storage_options):
-            size = len(block)
-            seen += size
-            lo, hi = max(start, position), min(stop, position + size)
-            if lo < hi:
-                if block.captions is None or "caption_counts" not in block.arrays:
-                    raise ValueError(f"{url}/{name}: the shard holds no captions")
-                counts = block.arrays["caption_counts"].astype(np.int64)
-                offsets = np.concatenate([[0], np.cumsum(counts)])
-                local = np.arange(lo - position, hi - position)
-                chosen = np.minimum(caption_index, counts[local] - 1)
-                captions.extend(block.captions[int(i)][int(c)] for i, c in zip(local, chosen))
-                for key in TEXT_KEYS:
-                    parts[key].append(np.array(block.arrays[key][offsets[local] + chosen]))
-            position += size
-            if position >= stop:
+    @cached_property
+    def storage(self) -> Storage:
+        """The dataset folder (shards, manifest and null text live there)."""
+        return Storage(split_dataset_url(self.url)[0], self.storage_options)
+
+    @property
+    def text(self) -> TextFeatures:
+        """The manifest's text features; ValueError if this is not a caption dataset."""
+        return _text_section(self.manifest, self.url)
+
+    def null_text(self) -> TextCondition:
+        """The empty caption's encoding: ``text_emb`` float32 [L,D], ``text_mask`` bool [L], ``text_pooled`` float32
+        [P] (read on the first call, the same tensors afterwards: do not modify them in place)."""
+        return dict(self._null_text)
+
+    @cached_property
+    def _null_text(self) -> TextCondition:
+        from safetensors.numpy import load
+
+        return _float32(load(self.storage.read_bytes(self.text.null)))
+
+    def text_encoder_config(self) -> Any:
+        """The data pipeline's text-encoder config that reproduces the manifest's ``text.encoder``."""
+        return text_encoder_config(self.manifest, self.url)
+
+    def _shards(self) -> Iterator[tuple[str, Block]]:
+        """(shard name, decoded block) of every shard, in manifest order."""
+        for shard in self.manifest.shards:
+            yield shard.name, decode_shard(self.storage.read_bytes(shard.name), self.storage.url_of(shard.name))
+
+    def prompts(self, count: int, caption_index: int = 0, start: int = 0) -> Prompts:
+        """Prompts number ``start`` .. ``start + count - 1``: prompt p is sample ``p mod n`` of the shards in manifest
+        order (n samples; a small dataset cycles) with its caption number ``caption_index`` (or its last one if it
+        has fewer) and the stored embedding (``text_emb`` [count,L,D], ``text_mask`` [count,L], ``text_pooled``
+        [count,P]), kept in the stored float16 (convert with ``condition_to(..., dtype=torch.float32)``). Reads
+        shards in order and stops once the range is covered."""
+        if count < 1 or start < 0:
+            raise ValueError(f"dataset prompts: need count >= 1 and start >= 0, got count={count}, start={start}")
+        _ = self.text  # a caption dataset, or one clear error
+        captions: list[str] = []
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in TEXT_KEYS}
+        stop = start + count
+        position = 0  # prompt number of the next sample read (grows over repeated passes)
+        while position < stop:
+            seen = 0
+            for name, block in self._shards():
+                size = len(block)
+                seen += size
+                lo, hi = max(start, position), min(stop, position + size)
+                if lo < hi:
+                    if block.captions is None or "caption_counts" not in block.arrays:
+                        raise ValueError(f"{self.url}/{name}: the shard holds no captions")
+                    counts = block.arrays["caption_counts"].astype(np.int64)
+                    offsets = np.concatenate([[0], np.cumsum(counts)])
+                    local = np.arange(lo - position, hi - position)
+                    chosen = np.minimum(caption_index, counts[local] - 1)
+                    captions.extend(block.captions[int(i)][int(c)] for i, c in zip(local, chosen))
+                    for key in TEXT_KEYS:
+                        parts[key].append(np.array(block.arrays[key][offsets[local] + chosen]))
+                position += size
+                if position >= stop:
+                    break
+            if seen == 0:
+                raise ValueError(f"{self.url}: the dataset has no samples")
+        cond = {key: torch.from_numpy(np.concatenate(parts[key])) for key in TEXT_KEYS}
+        return Prompts(captions, cond)
+
+    def captions(self, count: int, caption_index: int = 0) -> list[str]:
+        """The caption strings of :meth:`prompts` (same samples, same caption choice) without keeping any
+        embedding: shards are streamed one at a time; cycles when the dataset is smaller than ``count``."""
+        if count < 1:
+            raise ValueError(f"dataset captions: count must be >= 1, got {count}")
+        _ = self.text  # a caption dataset, or one clear error
+        captions: list[str] = []
+        for name, block in self._shards():
+            if block.captions is None:
+                raise ValueError(f"{self.url}/{name}: the shard holds no captions")
+            for sample in block.captions[: count - len(captions)]:
+                captions.append(sample[min(caption_index, len(sample) - 1)])
+            if len(captions) >= count:
                 break
-        if seen == 0:
-            raise ValueError(f"{url}: the dataset has no samples")
-    cond = {key: torch.from_numpy(np.concatenate(parts[key])) for key in TEXT_KEYS}
-    return Prompts(captions, cond)
+        if not captions:
+            raise ValueError(f"{self.url}: the dataset has no samples")
+        return [captions[i % len(captions)] for i in range(count)]
 
 
-def dataset_captions(
-    url: str, count: int, storage_options: dict[str, Any] | None = None, caption_index: int = 0
-) -> list[str]:
-    """The caption strings of :func:`dataset_prompts` (same samples, same caption choice) without keeping any
-    embedding: shards are streamed one at a time; cycles when the dataset is smaller than ``count``."""
-    if count < 1:
-        raise ValueError(f"dataset captions: count must be >= 1, got {count}")
-    _text_section(dataset_manifest(url, storage_options), url)
-    captions: list[str] = []
-    for name, block in read_shards(url, storage_options):
-        if block.captions is None:
-            raise ValueError(f"{url}/{name}: the shard holds no captions")
-        for sample in block.captions[: count - len(captions)]:
-            captions.append(sample[min(caption_index, len(sample) - 1)])
-        if len(captions) >= count:
-            break
-    if not captions:
-        raise ValueError(f"{url}: the dataset has no samples")
-    return [captions[i % len(captions)] for i in range(count)]
-
-
+# ------------------------------------------------------------------------------------------- text encoding
 def normalize_caption(caption: str) -> str:
     """One line: runs of whitespace (newlines included) become one space (for caption files)."""
     return " ".join(caption.split())
 
 
-def text_encoder_config(manifest: Manifest) -> Any:
-    """The data pipeline's text-encoder config that reproduces the manifest's ``text.encoder`` description."""
+def text_encoder_config(manifest: Manifest, url: str = "dataset") -> Any:
+    """The data pipeline's text-encoder config that reproduces the manifest's ``text.encoder`` description (a pure
+    function of the manifest: a model card's manifest works without its dataset; ``url`` names it in errors)."""
     from deepflow.data_pipeline.config import OpenClipTextConfig, TransformersTextConfig
 
-    text = _text_section(manifest, "dataset")
+    text = _text_section(manifest, url)
     described = dict(text.encoder)
     name = described.get("name")
     if name == "transformers":
@@ -188,11 +216,19 @@ def text_encoder_config(manifest: Manifest) -> Any:
     raise ValueError(f"unknown text encoder {name!r} in the dataset manifest (text.encoder.name)")
 
 
+def encoder_null(encoder: Any) -> TextCondition:
+    """The empty caption encoded by ``encoder`` (a data-pipeline text encoder), as
+    :meth:`DatasetHandle.null_text` gives it: ``text_emb`` float32 [L,D], ``text_mask`` bool [L], ``text_pooled``
+    float32 [P]."""
+    return _float32(encoder.null())
+
+
 def encode_prompts(
     captions: Sequence[str], manifest: Manifest, device: torch.device | str = "cpu", encoder: Any = None
 ) -> Prompts:
-    """Encode ``captions`` with the dataset's text encoder (built from the manifest unless ``encoder`` is given);
-    L is padded to the manifest's ``text.max_length`` as in training."""
+    """Encode ``captions`` (n strings) with the dataset's text encoder (built from the manifest unless ``encoder``
+    is given): float32 ``text_emb`` [n,L,D], bool ``text_mask`` [n,L], float32 ``text_pooled`` [n,P], L padded to
+    the manifest's ``text.max_length`` as in training."""
     from deepflow.data_pipeline.text_encoders import build_text_encoder
 
     text = _text_section(manifest, "dataset")

@@ -36,6 +36,7 @@ from deepflow.platform.eval.evaluator import ReferenceBatch, reference_stat_keys
 from deepflow.platform.eval.extractors import LabelScorer, SelfReferencedExtractor, build_extractor
 from deepflow.platform.inference.conditions import dataset_plan
 from deepflow.platform.inference.generate import DecodeSpec, Decoder, generate, to_uint8
+from deepflow.platform.inference.prompts import DatasetHandle
 from deepflow.platform.train.config import RunConfig, storage_options_for
 from deepflow.platform.train.distributed import DistContext
 from deepflow.platform.train.tb_logging import TrainLogger, console_logger
@@ -101,7 +102,10 @@ class Evaluator:
         self.model = create_model(cfg.model.name, **cfg.model.create_kwargs()).to(ctx.device).eval()
         self.model.requires_grad_(False)
         offset, count = self._share()
-        self.plan = dataset_plan(self.model, cfg.data.url, offset, count, cfg.data.resolved_storage_options(), manifest)
+        data_options = cfg.data.resolved_storage_options()
+        # the trainer's manifest (the loader read it) is not read again; without one the URL is opened if needed
+        dataset = DatasetHandle(cfg.data.url, data_options, manifest) if manifest is not None else cfg.data.url
+        self.plan = dataset_plan(self.model, dataset, offset, count, data_options)
         spec = DecodeSpec.resolve(vae=cfg.eval.vae, manifest=manifest, in_channels=self.model.in_channels)
         self.decoder = Decoder(spec, ctx.device, cfg.eval.batch_size, field="eval.vae")
         if cfg.eval.clip_model:  # the config allows it for text models only
