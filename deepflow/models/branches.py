@@ -250,13 +250,17 @@ class DeepFlowBranches(nn.Module):
 
     def _run_branches(
         self, x_tokens: torch.Tensor, conds: list[torch.Tensor], gaps: list[torch.Tensor], side: Any,
-        return_all: bool,
-    ) -> torch.Tensor | BranchOutputs:
-        """Embedded x [B,N,H] through all branches -> final velocity [B,C,Hi,Wi], or BranchOutputs (return_all).
+        return_all: bool, return_acceleration: bool = False,
+    ) -> torch.Tensor | BranchOutputs | tuple[torch.Tensor, torch.Tensor]:
+        """Embedded x [B,N,H] through all branches -> final velocity [B,C,Hi,Wi], or BranchOutputs (return_all),
+        or with ``return_acceleration`` (final velocity, first VeRA block's acceleration), both [B,C,Hi,Wi].
 
         ``side`` is threaded through ``_block_step`` (the VeRA blocks act on the image tokens only).
         """
         k = self.num_branches
+        if return_acceleration and not self.has_vera:
+            raise ValueError("return_acceleration needs a DeepFlow model with VeRA blocks (>= 2 branches, "
+                             f"vera_mode full or no_cross_attention); this one has {k} branch(es), {self.vera_mode}")
         velocities: list[torch.Tensor] = []
         accelerations: list[torch.Tensor] = []
         projections: list[torch.Tensor] = []
@@ -272,11 +276,13 @@ class DeepFlowBranches(nn.Module):
             if not self.has_vera:
                 continue
             h, acc_tokens = self._maybe_checkpoint(self.vera_blocks[i], h, x_tokens, gaps[i])
-            if return_all:
+            if return_all or (return_acceleration and i == 0):
                 accelerations.append(self._to_image(self.acc_head(acc_tokens, c)))
-                if self.ssl_align:
-                    projections.append(self.projectors[i](h))
+            if return_all and self.ssl_align:
+                projections.append(self.projectors[i](h))
         v_last = self._to_image(self.velocity_heads[-1](h, conds[-1]))
+        if return_acceleration and not return_all:
+            return v_last, accelerations[0]
         if not return_all:
             return v_last
         velocities.append(v_last)

@@ -65,16 +65,20 @@ class DeepFlowDiT(DeepFlowBranches):
         return self(x, times, y, return_all=True)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_all: bool = False
-    ) -> torch.Tensor | BranchOutputs:
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_all: bool = False,
+        return_acceleration: bool = False,
+    ) -> torch.Tensor | BranchOutputs | tuple[torch.Tensor, torch.Tensor]:
         """Inference: x [B,C,Hi,Wi], t [B] (or scalar, or [B,k]), y [B] long -> final velocity [B,C,Hi,Wi].
 
-        With ``return_all=True`` t must be [B,k] and all heads run (see ``forward_train``).
+        With ``return_all=True`` t must be [B,k] and all heads run (see ``forward_train``). With
+        ``return_acceleration=True`` (models with VeRA blocks): (final velocity, acceleration a_1 [B,C,Hi,Wi]) - the
+        first VeRA block's acceleration head output at the input time, trained so that x - t v_1 + t^2 a_1 / 2
+        predicts x0 (v_1 = the first branch's velocity), i.e. a_1 ~ 2 (v_1 - E[V | x_t]) / t.
         """
         t, per_branch = self._check_times(x, t, return_all)
         x_tokens = self.x_embedder(x) + self.pos_embed
         conds, gaps = self._branch_conditions(x.shape[0], t, per_branch, self.y_embedder(y))
-        return self._run_branches(x_tokens, conds, gaps, None, return_all)
+        return self._run_branches(x_tokens, conds, gaps, None, return_all, return_acceleration)
 
     def _block_step(self, block: nn.Module, h: torch.Tensor, c: torch.Tensor, side: None) -> tuple[torch.Tensor, None]:
         """AdaLN block: h [B,N,H], c [B,H] -> ([B,N,H], None)."""

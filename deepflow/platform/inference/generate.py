@@ -19,12 +19,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from deepflow.artifacts import SD_VAE_LATENT_SCALE, Manifest, ModelCard
 from deepflow.configuration import ConfigSection
 from deepflow.models import create_model
-from deepflow.models.sampling import sample
+from deepflow.models.sampling import PRESETS, Diffusion, Grid, LastStep, Method, forward_passes, sample
 from deepflow.platform.inference.conditions import ConditionPlan, seed_for
 
 __all__ = [
@@ -47,16 +47,41 @@ _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class SamplerConfig(ConfigSection):
-    """How a sample is integrated from noise (``deepflow.models.sampling.sample``)."""
+    """How a sample is integrated from noise (``deepflow.models.sampling.sample``; forward passes per image:
+    ``deepflow.models.sampling.forward_passes``). ``preset`` fills in the fields this config does not set from a
+    named setting (``deepflow.models.sampling.PRESETS``): "paper" (SDE 250, the FID protocol) or "fast"."""
 
-    method: Literal["sde", "euler", "heun"] = Field("sde", description="SDE (Euler-Maruyama) or ODE (Euler, Heun)")
-    steps: int = Field(250, ge=1, description="velocity evaluations (Heun: 2 per step)")
+    preset: Literal["paper", "fast"] | None = Field(
+        None, description="named setting whose fields fill in those not given here: paper (SDE 250, the paper's FID "
+        "protocol, for reported numbers) or fast (a tenth of the forward passes at the same quality in our study)"
+    )
+    method: Method = Field("sde", description="sde (Euler-Maruyama, the paper's), sde-exp (the same SDE, "
+                           "exponential integrator), euler, heun, midpoint, dpm++2m (ODE), accel (experimental)")
+    steps: int = Field(250, ge=1, description="sde: grid points = forward passes; others: intervals (heun, midpoint: "
+                       "2 forward passes per interval)")
     cfg_scale: float = Field(1.0, ge=0.0, description="classifier-free guidance scale; 1 = no guidance")
     guidance_interval: tuple[float, float] = Field((0.0, 1.0), description="times t where CFG applies")
+    grid: Grid = Field("uniform", description="time grid: uniform in t (with shift) or edm (sigma^(1/rho) spacing)")
+    shift: float = Field(1.0, gt=0.0, description="uniform grid: t -> s t / (1 + (s - 1) t); > 1 denser near noise")
+    rho: float = Field(7.0, gt=0.0, description="edm grid exponent")
+    last_step: LastStep = Field("mean", description="sde: last step to 0: mean (drift only, the paper's), tweedie "
+                                "(x0-prediction), euler (ODE step; the same point for this path)")
+    last_step_size: float = Field(0.04, gt=0.0, lt=1.0, description="sde: the last grid time before 0")
+    diffusion: Diffusion = Field("sbdm", description="sde: diffusion w(t): sbdm (2 norm t, the paper's), sigma "
+                                 "(norm t), constant (norm); sde-exp: sbdm only")
+    diffusion_norm: float = Field(1.0, ge=0.0, description="sde / sde-exp: the diffusion's scale (0: no noise)")
     compile: bool = Field(
         False, description="torch.compile the inference forward once and reuse it at every step (CUDA graphs on a "
         "GPU); pays off for long sampling jobs, costs a build of tens of seconds"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """Fields the preset names and ``data`` does not set take the preset's values."""
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return {**PRESETS[data["preset"]], **data}
+        return data
 
     @field_validator("steps")
     @classmethod
@@ -72,6 +97,24 @@ class SamplerConfig(ConfigSection):
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"must satisfy 0 <= low <= high <= 1, got [{low}, {high}]")
         return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SamplerConfig:
+        if self.grid == "edm" and self.shift != 1.0:
+            raise ValueError("shift applies to grid=uniform only (the edm grid's spacing is rho)")
+        if self.method == "sde-exp" and self.diffusion != "sbdm":
+            raise ValueError(f"method sde-exp integrates diffusion=sbdm only, got {self.diffusion}")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The keyword options of ``sample`` beyond method, steps and guidance."""
+        return {"grid": self.grid, "shift": self.shift, "rho": self.rho, "last_step": self.last_step,
+                "last_step_size": self.last_step_size, "diffusion": self.diffusion,
+                "diffusion_norm": self.diffusion_norm}
+
+    def forward_passes(self) -> int:
+        """Network forward passes per image (a guided step counts 2)."""
+        return forward_passes(self.method, self.steps, self.cfg_scale, self.guidance_interval, **self.options())
 
 
 # ----------------------------------------------------------------------------------------------------- images
@@ -226,7 +269,7 @@ def sample_latents(
         x0 = sample(
             forward, noise, condition, method=sampler.method, steps=sampler.steps, cfg_scale=sampler.cfg_scale,
             guidance_interval=tuple(sampler.guidance_interval), null_label=null_label, generator=generator,
-            null_condition=null_condition,
+            null_condition=null_condition, **sampler.options(),
         )
     return x0.float()
 

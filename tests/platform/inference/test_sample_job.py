@@ -29,7 +29,7 @@ from deepflow.configuration import ConfigError, load_validated
 from deepflow.errors import UserError
 from deepflow.models import create_model
 from deepflow.platform.inference.conditions import label_plan
-from deepflow.platform.inference.generate import initial_noise
+from deepflow.platform.inference.generate import SamplerConfig, initial_noise
 from deepflow.platform.inference.sample_job import SampleConfig, build_parser, load_config, main, run_sampling
 from deepflow.storage import Storage
 
@@ -180,8 +180,8 @@ def test_config_file_with_set_samples(pixel_export, tmp_path) -> None:
     }))
     assert main(["--config", str(tmp_path / "sample.yaml"), "--set", "sampler.cfg_scale=1.5", "--png"]) == 0
     record = json.loads((tmp_path / "out" / "sampling.json").read_text())
-    assert record["settings"]["sampler"] == {"method": "euler", "steps": 2, "cfg_scale": 1.5,
-                                             "guidance_interval": [0.0, 1.0], "compile": False}
+    assert record["settings"]["sampler"] == {**SamplerConfig().model_dump(mode="json"), "method": "euler", "steps": 2,
+                                             "cfg_scale": 1.5}
     assert "storage_options" not in record["settings"]
     images, labels = _arrays(tmp_path / "out" / "samples.npz")
     assert images.shape == (3, 8, 8, 3) and labels.tolist() == [0, 1, 2]
