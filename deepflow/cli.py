@@ -54,6 +54,8 @@ JOBS: dict[str, Job] = {
                      "build a reference .npz (images and feature statistics) from a dataset for evaluate"),
     "convert": Job("deepflow.platform.inference.convert:main",
                    "import a released reference checkpoint as an export that sample reads"),
+    "export": Job("deepflow.platform.export.job:main",
+                  "write a model as a self-contained diffusers pipeline folder (DiffusionPipeline.from_pretrained)"),
     "study": Job("deepflow.platform.study.job:main",
                  "a convergence study: variants x seeds through the trainer, mean +- std tables and plots"),
     "demo": Job("deepflow.demo:main",

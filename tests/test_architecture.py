@@ -30,10 +30,12 @@ ALLOWED: dict[str, tuple[str, ...]] = {
                                "deepflow.data_pipeline"),
     "deepflow.platform.inference": ("deepflow.storage", "deepflow.errors", "deepflow.artifacts", "deepflow.configuration",
                                     "deepflow.models", "deepflow.data_pipeline", "deepflow.ranks", "deepflow.precision"),
+    "deepflow.platform.export": ("deepflow.storage", "deepflow.errors", "deepflow.artifacts", "deepflow.configuration",
+                                 "deepflow.models", "deepflow.data_pipeline", "deepflow.platform.inference"),
     "deepflow.cli": ("deepflow",),  # the top: the command line may import anything
     "deepflow.platform.train": ("deepflow.storage", "deepflow.errors", "deepflow.artifacts", "deepflow.configuration", "deepflow.models",
                                 "deepflow.data_pipeline", "deepflow.ranks", "deepflow.precision",
-                                "deepflow.platform.eval", "deepflow.platform.inference"),
+                                "deepflow.platform.eval", "deepflow.platform.inference", "deepflow.platform.export"),
     "deepflow.platform.study": ("deepflow.storage", "deepflow.errors", "deepflow.artifacts", "deepflow.configuration",
                                 "deepflow.models", "deepflow.data_pipeline", "deepflow.platform.train",
                                 "deepflow.platform.inference"),

@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 CONSOLE_SCRIPT = Path(sys.executable).parent / "deepflow"
 #: an option each job's own parser has
 OWN_OPTION = {"train": "--config", "precompute": "--finalize", "sample": "--checkpoint", "evaluate": "--samples",
-              "reference": "--out", "convert": "--reference", "demo": "--steps", "study": "--report-only"}
+              "reference": "--out", "convert": "--reference", "demo": "--steps", "study": "--report-only",
+              "export": "--format"}
 
 
 def _env(**changes: str | None) -> dict[str, str]:

@@ -242,6 +242,8 @@ class CheckpointSection(_Section):
     resume: bool = True
     storage_options: dict[str, Any] = Field(default_factory=dict)
     export_ema: bool = Field(True, description="write export.safetensors (EMA weights) at the end of the run")
+    export_diffusers: bool = Field(False, description="also write <run.output_dir>/diffusers, the export as a "
+                                   "diffusers pipeline folder (`deepflow export --format diffusers`)")
 
 
 class EMASection(_Section):

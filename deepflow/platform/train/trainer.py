@@ -540,6 +540,12 @@ class Trainer:
         written = write_full_export(self.engine, self.ema, url, card, self.cfg.output_storage_options())
         if written is not None:
             self.log.info(f"exported EMA weights to {written}")
+            if self.cfg.checkpoint.export_diffusers:
+                from deepflow.platform.export import export_diffusers
+
+                folder = export_diffusers(url, join_url(self.cfg.run.output_dir, "diffusers"), overwrite=True,
+                                          storage_options=lambda _: self.cfg.output_storage_options())
+                self.log.info(f"exported the diffusers pipeline to {folder.url}")
 
 
 def train(cfg: RunConfig, local_rank_arg: int | None = None, preempt: PreemptionHandler | None = None,

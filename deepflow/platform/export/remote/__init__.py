@@ -1,0 +1,3 @@
+"""Templates of the code an exported diffusers folder carries (``pipeline_deepflow.py``, ``deepflow_transformer.py``,
+``deepflow_scheduler.py``). They are never imported from the package: ``deepflow.platform.export.codegen`` fills their
+generated blocks and writes them into the folder, beside the copied ``deepflow/models`` modules they import."""
