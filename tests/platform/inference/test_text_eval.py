@@ -27,6 +27,7 @@ from deepflow.models.sampling import sample
 from deepflow.platform.train.config import ConfigError, config_from_tree, resolve_model_for_dataset
 from deepflow.platform.inference.prompts import DatasetHandle, encode_prompts, open_dataset, text_encoder_config
 from deepflow.storage import Storage
+from tests.models.helpers import randomize_
 
 ROOT = Path(__file__).resolve().parents[3]
 NUM_EMOJI = 24
@@ -90,15 +91,6 @@ def _run_config(url: str, tmp: Path, **sections) -> dict:
         tree.setdefault(name, {}).update(value)
     return tree
 
-
-def _randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere (the zero-initialised heads too), so samples depend on the text condition."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    return model
 
 
 def test_prompts_from_shards_files_and_reencoding(emoji_url: str, tmp_path: Path) -> None:
@@ -179,7 +171,8 @@ def test_train_job_exits_2_naming_context_dim_on_a_mismatch(emoji_url: str, tmp_
 def test_text_cfg_runs_cond_and_null_in_one_forward(emoji_url: str) -> None:
     dataset = open_dataset(emoji_url)
     kwargs = {k: v for k, v in TINY_MMDIT.items() if k not in ("name", "extra")}
-    model = _randomized(create_model(TINY_MMDIT["name"], **kwargs, **TINY_MMDIT["extra"], context_dim=384)).eval()
+    model = create_model(TINY_MMDIT["name"], **kwargs, **TINY_MMDIT["extra"], context_dim=384)
+    model = randomize_(model, std=0.1).eval()
     prompts = dataset.prompts(3)
     prompts.cond = condition_to(prompts.cond, "cpu", dtype=torch.float32)
     null = dataset.null_text()
@@ -227,7 +220,7 @@ def test_periodic_eval_of_a_text_model(emoji_url: str, tmp_path: Path, reads: li
     reads.clear()
     evaluator = Evaluator(cfg, ctx, logger, manifest=manifest)
     assert _manifest_reads(reads) == []  # the condition plan uses the trainer's (loader's) manifest
-    weights = _randomized(create_model(cfg.model.name, **cfg.model.create_kwargs())).state_dict()
+    weights = randomize_(create_model(cfg.model.name, **cfg.model.create_kwargs()), std=0.1).state_dict()
     metrics = evaluator.run(weights, step=5)
     logger.close()
     assert set(metrics) == {"eval/fd_dinov2", "eval/clip_score"}
@@ -256,7 +249,7 @@ def test_sample_job_conditions_a_text_model_on_caption_files_and_the_dataset(emo
     manifest = read_manifest(emoji_url)
     cfg = resolve_model_for_dataset(config_from_tree(_run_config(emoji_url, tmp_path)), manifest)
     kwargs = cfg.model.create_kwargs()
-    model = _randomized(create_model(cfg.model.name, **kwargs))
+    model = randomize_(create_model(cfg.model.name, **kwargs), std=0.1)
     card = ModelCard.for_dataset(cfg.model.name, kwargs, manifest, data_url=emoji_url)
     write_export(str(tmp_path / "export"), model.state_dict(), card)
     (tmp_path / "prompts.txt").write_text("red apple\nrocket\n")
@@ -343,7 +336,7 @@ def test_text_condition_plans_read_the_dataset_manifest_once(
 
     manifest = read_manifest(emoji_url)
     cfg = resolve_model_for_dataset(config_from_tree(_run_config(emoji_url, tmp_path)), manifest)
-    model = _randomized(create_model(cfg.model.name, **cfg.model.create_kwargs()))
+    model = randomize_(create_model(cfg.model.name, **cfg.model.create_kwargs()), std=0.1)
     card = ModelCard.for_dataset(cfg.model.name, cfg.model.create_kwargs(), manifest, data_url=emoji_url)
     write_export(str(tmp_path / "export"), model.state_dict(), card)
     (tmp_path / "prompts.txt").write_text("red apple\nrocket\n")

@@ -12,9 +12,7 @@ Time convention: t = 1 is noise, t = 0 is data; sampling integrates from 1 down 
 from __future__ import annotations
 
 import inspect
-import json
 import os
-import shutil
 import sys
 import typing
 from pathlib import Path
@@ -23,6 +21,8 @@ from typing import Any, Callable, Optional
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from .deepflow_export_common import EXPORT_VERSION, check_export_version, copy_code, tidy_config
 
 # diffusers copies into its module cache only the modules that this file imports directly, so every copied deepflow
 # module is imported here (the export writes this block).
@@ -35,25 +35,10 @@ CODE_MODULES: tuple[str, ...] = ("deepflow_models_sampling",)
 #: the copied ``deepflow/models/sampling.py``
 sampling = sys.modules[_sample_function.__module__]
 
-EXPORT_VERSION = 1
 CONFIG_FILE = "scheduler/scheduler_config.json"
 #: arguments of ``sampling.sample`` that the scheduler sets itself (the rest may come from ``sampler_options``)
 _OWN_ARGUMENTS = ("fn", "noise", "y", "method", "steps", "cfg_scale", "guidance_interval", "null_label", "generator",
                   "progress", "null_condition")
-#: network calls per step where the sampling module cannot count them (only sizes the progress bar)
-_EVALUATIONS_PER_STEP = {"sde": 1, "euler": 1, "heun": 2}
-
-
-def check_export_version(found: Any, where: str) -> None:
-    """ValueError (one line naming ``where``) unless ``found`` is this code's ``EXPORT_VERSION``."""
-    if found == EXPORT_VERSION:
-        return
-    if found is None:
-        raise ValueError(f"{where}: no export_version: written by an older deepflow export that this code does not "
-                         f"read (export version {EXPORT_VERSION}); export the model again with "
-                         "`deepflow export --format diffusers`")
-    raise ValueError(f"{where}: export_version {found!r}, but the code in this folder reads version "
-                     f"{EXPORT_VERSION}; export the model again with `deepflow export --format diffusers`")
 
 
 def sampling_methods() -> Optional[tuple[str, ...]]:
@@ -147,13 +132,15 @@ class DeepFlowFlowScheduler(SchedulerMixin, ConfigMixin):
             grid = sampling.ode_times(num_inference_steps)
         self.timesteps = torch.tensor(grid, dtype=torch.float64, device=device)
 
-    def evaluations(self, num_inference_steps: int, **options: Any) -> Optional[int]:
-        """Network calls of one sampling run (a guided call runs both halves in one batch; None when unknown)."""
+    def evaluations(self, num_inference_steps: int, **options: Any) -> int:
+        """Network calls of one sampling run (a guided call runs both halves in one batch), counted by the sampling
+        module's ``forward_passes``."""
         counter = getattr(sampling, "forward_passes", None)
-        if callable(counter):
-            return int(counter(self.config.method, num_inference_steps, 1.0, (0.0, 1.0), **self._options(options)))
-        per_step = _EVALUATIONS_PER_STEP.get(self.config.method)
-        return None if per_step is None else per_step * num_inference_steps
+        if not callable(counter):
+            raise RuntimeError(f"{sampling.__name__.rpartition('.')[2]}: the sampling module beside this scheduler has "
+                               "no forward_passes (written by an older deepflow export); export the model again with "
+                               "`deepflow export --format diffusers`")
+        return int(counter(self.config.method, num_inference_steps, 1.0, (0.0, 1.0), **self._options(options)))
 
     def sample(
         self,
@@ -196,21 +183,8 @@ class DeepFlowFlowScheduler(SchedulerMixin, ConfigMixin):
     def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
         """diffusers' save (``scheduler_config.json``), plus this file and the deepflow modules it imports."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        target = Path(save_directory)
-        package = __name__.rpartition(".")[0]
-        files = [Path(__file__)]
-        for name in CODE_MODULES:
-            module = sys.modules.get(f"{package}.{name}" if package else name)
-            if module is None or module.__file__ is None:
-                raise RuntimeError(f"cannot save: module {name} of the DeepFlow scheduler is not loaded")
-            files.append(Path(module.__file__))
-        for path in files:
-            if path.resolve() != (target / path.name).resolve():
-                shutil.copyfile(path, target / path.name)
-        config_path = target / self.config_name
-        config = json.loads(config_path.read_text())
-        config.pop("_name_or_path", None)
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        copy_code(CODE_MODULES, __file__, save_directory)
+        tidy_config(Path(save_directory) / self.config_name)
 
     def __len__(self) -> int:
         return int(self.config.num_inference_steps)

@@ -10,10 +10,7 @@ eps - x0.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +18,8 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
+
+from .deepflow_export_common import EXPORT_VERSION, check_export_version, copy_code, tidy_config
 
 # diffusers copies into its module cache only the modules that this file imports directly, so every copied deepflow
 # module is imported here (the export writes this block).
@@ -30,36 +29,7 @@ from .deepflow_models_registry import create_model
 CODE_MODULES: tuple[str, ...] = ("deepflow_models_registry",)
 # </deepflow-export:imports>
 
-EXPORT_VERSION = 1
 CONFIG_FILE = "transformer/config.json"
-
-
-def check_export_version(found: Any, where: str) -> None:
-    """ValueError (one line naming ``where``) unless ``found`` is this code's ``EXPORT_VERSION``."""
-    if found == EXPORT_VERSION:
-        return
-    if found is None:
-        raise ValueError(f"{where}: no export_version: written by an older deepflow export that this code does not "
-                         f"read (export version {EXPORT_VERSION}); export the model again with "
-                         "`deepflow export --format diffusers`")
-    raise ValueError(f"{where}: export_version {found!r}, but the code in this folder reads version "
-                     f"{EXPORT_VERSION}; export the model again with `deepflow export --format diffusers`")
-
-
-def copy_code(module_names: tuple[str, ...], module_file: str, save_directory: str | os.PathLike[str]) -> None:
-    """Copy ``module_file`` and the modules ``module_names`` (imported beside it) into ``save_directory``."""
-    target = Path(save_directory)
-    target.mkdir(parents=True, exist_ok=True)
-    package = __name__.rpartition(".")[0]
-    files = [Path(module_file)]
-    for name in module_names:
-        module = sys.modules.get(f"{package}.{name}" if package else name)
-        if module is None or module.__file__ is None:
-            raise RuntimeError(f"cannot save: module {name} of this DeepFlow component is not loaded")
-        files.append(Path(module.__file__))
-    for path in files:
-        if path.resolve() != (target / path.name).resolve():
-            shutil.copyfile(path, target / path.name)
 
 
 class DeepFlowTransformer2DModel(ModelMixin, ConfigMixin):
@@ -161,7 +131,4 @@ class DeepFlowTransformer2DModel(ModelMixin, ConfigMixin):
         the saved folder loads with ``trust_remote_code=True`` like the exported one."""
         super().save_pretrained(save_directory, *args, **kwargs)
         copy_code(CODE_MODULES, __file__, save_directory)
-        config_path = Path(save_directory) / self.config_name
-        config = json.loads(config_path.read_text())
-        config.pop("_name_or_path", None)
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tidy_config(Path(save_directory) / self.config_name)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -32,7 +31,8 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-EXPORT_VERSION = 1
+from .deepflow_export_common import EXPORT_VERSION, check_export_version, copy_code, tidy_config
+
 PIPELINE_FILE = "pipeline_deepflow.py"
 #: model_index.json entries of the components whose code lives in their folder
 CUSTOM_COMPONENTS = {"transformer": ("deepflow_transformer", "DeepFlowTransformer2DModel"),
@@ -64,18 +64,6 @@ def initial_noise(indices: np.ndarray, shape: tuple[int, ...], seed: int) -> tor
     rows = [torch.randn(shape, generator=torch.Generator().manual_seed(seed_for(seed, 0, int(i)))) for i in indices]
     return torch.stack(rows) if rows else torch.zeros((0, *shape))
 # </deepflow-export:functions>
-
-
-def check_export_version(found: Any, where: str) -> None:
-    """ValueError (one line naming ``where``) unless ``found`` is this code's ``EXPORT_VERSION``."""
-    if found == EXPORT_VERSION:
-        return
-    if found is None:
-        raise ValueError(f"{where}: no export_version: written by an older deepflow export that this code does not "
-                         f"read (export version {EXPORT_VERSION}); export the model again with "
-                         "`deepflow export --format diffusers`")
-    raise ValueError(f"{where}: export_version {found!r}, but the code in this folder reads version "
-                     f"{EXPORT_VERSION}; export the model again with `deepflow export --format diffusers`")
 
 
 def _loading_context() -> tuple[Optional[str], dict[str, Any]]:
@@ -327,18 +315,12 @@ class DeepFlowPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------------------------------ saving
     def save_pretrained(self, save_directory: Union[str, os.PathLike[str]], *args: Any, **kwargs: Any) -> None:
-        """diffusers' save, plus the code: this file at the root and each custom component's modules in its folder
-        (they copy their own); ``model_index.json`` names them so that the folder loads like the exported one."""
+        """diffusers' save, plus the code: this file and the shared module it imports at the root, each custom
+        component's modules in its folder (they copy their own); ``model_index.json`` names them so that the folder
+        loads like the exported one."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        target = Path(save_directory)
-        if Path(__file__).resolve() != (target / PIPELINE_FILE).resolve():
-            shutil.copyfile(__file__, target / PIPELINE_FILE)
-        index_path = target / "model_index.json"
-        index = json.loads(index_path.read_text())
-        index["_class_name"] = [PIPELINE_FILE[: -len(".py")], type(self).__name__]
-        for name, entry in CUSTOM_COMPONENTS.items():
-            if name in index:
-                index[name] = list(entry)
-        index.pop("_name_or_path", None)
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        copy_code((), __file__, save_directory, PIPELINE_FILE)
+        tidy_config(Path(save_directory) / "model_index.json", lambda index: {
+            "_class_name": [PIPELINE_FILE[: -len(".py")], type(self).__name__],
+            **{name: list(entry) for name, entry in CUSTOM_COMPONENTS.items() if name in index}})
 
