@@ -56,7 +56,8 @@ class SamplerConfig(ConfigSection):
         "protocol, for reported numbers) or fast (a tenth of the forward passes at the same quality in our study)"
     )
     method: Method = Field("sde", description="sde (Euler-Maruyama, the paper's), sde-exp (the same SDE, "
-                           "exponential integrator), euler, heun, midpoint, dpm++2m (ODE), accel (experimental)")
+                           "exponential integrator; sde-2m: its second-order multistep form), euler, heun, midpoint, "
+                           "dpm++2m (ODE), accel (experimental)")
     steps: int = Field(250, ge=1, description="sde: grid points = forward passes; others: intervals (heun, midpoint: "
                        "2 forward passes per interval)")
     cfg_scale: float = Field(1.0, ge=0.0, description="classifier-free guidance scale; 1 = no guidance")
