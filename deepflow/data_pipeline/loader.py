@@ -508,13 +508,18 @@ def _chunk_size(batch_size: int, world_size: int, streams: int) -> int:
     return global_batch // streams
 
 
-def read_shards(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[tuple[str, Block]]:
+def read_shards(
+    url: str, storage_options: dict[str, Any] | None = None, manifest: Manifest | None = None
+) -> Iterator[tuple[str, Block]]:
     """Every shard of a committed dataset in manifest order, decoded: (shard name, block) pairs.
 
-    For inspection and tests (no shuffling, no sampling); the arrays hold the stored values.
+    For inspection, prompts and tests (no shuffling, no sampling); the arrays hold the stored values. ``manifest``:
+    the dataset's manifest when the caller has read it already (it is not read again).
     """
     storage = Storage(split_dataset_url(url)[0], storage_options)
-    for shard in read_manifest(storage.url, storage.storage_options).shards:
+    if manifest is None:
+        manifest = read_manifest(storage.url, storage.storage_options)
+    for shard in manifest.shards:
         yield shard.name, decode_shard(storage.read_bytes(shard.name), storage.url_of(shard.name))
 
 

@@ -19,7 +19,7 @@ A caption dataset is opened once (:func:`open_dataset`, which reads its manifest
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -28,8 +28,7 @@ import numpy as np
 import torch
 
 from deepflow.artifacts import Manifest, TextFeatures, read_manifest
-from deepflow.data_pipeline.loader import split_dataset_url
-from deepflow.data_pipeline.shards import Block, decode_shard
+from deepflow.data_pipeline.loader import read_shards, split_dataset_url
 from deepflow.models.conditions import TEXT_KEYS
 from deepflow.storage import Storage
 
@@ -124,11 +123,6 @@ class DatasetHandle:
         """The data pipeline's text-encoder config that reproduces the manifest's ``text.encoder``."""
         return text_encoder_config(self.manifest, self.url)
 
-    def _shards(self) -> Iterator[tuple[str, Block]]:
-        """(shard name, decoded block) of every shard, in manifest order."""
-        for shard in self.manifest.shards:
-            yield shard.name, decode_shard(self.storage.read_bytes(shard.name), self.storage.url_of(shard.name))
-
     def prompts(self, count: int, caption_index: int = 0, start: int = 0) -> Prompts:
         """Prompts number ``start`` .. ``start + count - 1``: prompt p is sample ``p mod n`` of the shards in manifest
         order (n samples; a small dataset cycles) with its caption number ``caption_index`` (or its last one if it
@@ -144,7 +138,7 @@ class DatasetHandle:
         position = 0  # prompt number of the next sample read (grows over repeated passes)
         while position < stop:
             seen = 0
-            for name, block in self._shards():
+            for name, block in read_shards(self.url, self.storage_options, self.manifest):
                 size = len(block)
                 seen += size
                 lo, hi = max(start, position), min(stop, position + size)
@@ -173,7 +167,7 @@ class DatasetHandle:
             raise ValueError(f"dataset captions: count must be >= 1, got {count}")
         _ = self.text  # a caption dataset, or one clear error
         captions: list[str] = []
-        for name, block in self._shards():
+        for name, block in read_shards(self.url, self.storage_options, self.manifest):
             if block.captions is None:
                 raise ValueError(f"{self.url}/{name}: the shard holds no captions")
             for sample in block.captions[: count - len(captions)]:
