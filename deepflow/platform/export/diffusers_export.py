@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from deepflow import __version__
-from deepflow.artifacts import ModelCard, TensorSpec, open_weights, write_safetensors
+from deepflow.artifacts import ModelCard, TensorSpec, WeightsSource, open_weights, write_safetensors
 from deepflow.models import create_model
 from deepflow.models import sampling as flow_sampling
 from deepflow.platform.export.codegen import EXPORT_VERSION, PIPELINE_FILE, generate_code
@@ -39,7 +39,7 @@ from deepflow.platform.inference import prompts
 from deepflow.platform.inference.generate import DecodeSpec, SamplerConfig
 from deepflow.storage import Storage, is_remote_url
 
-__all__ = ["ExportResult", "SD_VAE_CONFIG", "export_diffusers", "sampler_config_options", "sampler_option_names"]
+__all__ = ["ExportResult", "SD_VAE_CONFIG", "export_diffusers", "sampler_option_names"]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 NET_PREFIX = "net."
@@ -71,13 +71,6 @@ def sampler_option_names() -> tuple[str, ...]:
     import inspect
 
     return tuple(name for name in inspect.signature(flow_sampling.sample).parameters if name not in _SAMPLER_OWN)
-
-
-def sampler_config_options(sampler: SamplerConfig) -> dict[str, Any]:
-    """The keyword options of ``sample`` a sampler config sets beyond method, steps and guidance (its
-    ``options()``, as the generate path passes them), so that the pipeline samples as ``deepflow sample`` does."""
-    options = getattr(sampler, "options", None)
-    return dict(options()) if callable(options) else {}
 
 
 # --------------------------------------------------------------------------------------------------- weights
@@ -113,9 +106,8 @@ def _check_fits(card: ModelCard, specs: dict[str, TensorSpec], prefix: str, wher
     return sum(int(torch.Size(shape).numel()) for shape in given.values())
 
 
-def _write_transformer(stage: Path, checkpoint: str, storage_options: dict[str, Any] | None,
+def _write_transformer(stage: Path, checkpoint: str, source: WeightsSource,
                        decode: DecodeSpec, vae_name: str | None) -> tuple[ModelCard, int]:
-    source = open_weights(checkpoint, storage_options)
     card = source.card
     prefix = _strip_prefix(list(source.specs))
     count = _check_fits(card, source.specs, prefix, checkpoint)
@@ -333,12 +325,12 @@ def export_diffusers(
     card or its data record). ``dataset``: the caption dataset of a text model (default: the card's).
     """
     sampler = sampler or SamplerConfig()
-    options = {**sampler_config_options(sampler), **(sampler_options or {})}
+    options = {**sampler.options(), **(sampler_options or {})}
     try:
-        first = open_weights(checkpoint, storage_options(checkpoint))
+        source = open_weights(checkpoint, storage_options(checkpoint))
     except (FileNotFoundError, ValueError) as error:
         raise ValueError(f"checkpoint: {error}") from None
-    decode = DecodeSpec.resolve(vae=vae, card=first.card, in_channels=int(first.card.kwargs.get("in_channels", 3)))
+    decode = DecodeSpec.resolve(vae=vae, card=source.card, in_channels=int(source.card.kwargs.get("in_channels", 3)))
     out_storage = Storage(out, storage_options(out))
     local_parent = Path(out_storage.root).parent if out_storage.is_local else None
     if local_parent is not None:
@@ -357,7 +349,7 @@ def export_diffusers(
         if decode.kind == "vae":
             vae_name, notes = _write_vae(stage, decode.vae)
             index["vae"] = ["diffusers", "AutoencoderKL"]
-        card, count = _write_transformer(stage, checkpoint, storage_options(checkpoint), decode, vae_name)
+        card, count = _write_transformer(stage, checkpoint, source, decode, vae_name)
         _write_scheduler(stage, sampler, options)
         text_paths: list[str | None] = []
         if card.condition == "text":
