@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -41,21 +40,6 @@ _OWN_ARGUMENTS = ("fn", "noise", "y", "method", "steps", "cfg_scale", "guidance_
                   "progress", "null_condition")
 
 
-def sampling_methods() -> Optional[tuple[str, ...]]:
-    """The methods the copied sampling module accepts: its ``METHODS`` if it declares them, else the values of the
-    ``Literal`` annotation of ``sample``'s ``method``; None if neither says."""
-    declared = getattr(sampling, "METHODS", None)
-    if declared:
-        return tuple(str(name) for name in declared)
-    try:
-        hint = typing.get_type_hints(sampling.sample).get("method")
-    except Exception:  # noqa: BLE001 - an annotation this Python cannot resolve: no list, sample() still checks
-        return None
-    if typing.get_origin(hint) is typing.Literal:
-        return tuple(str(name) for name in typing.get_args(hint))
-    return None
-
-
 def sampler_option_names() -> tuple[str, ...]:
     """Keyword arguments of ``sampling.sample`` that ``sampler_options`` may set."""
     parameters = inspect.signature(sampling.sample).parameters
@@ -63,9 +47,8 @@ def sampler_option_names() -> tuple[str, ...]:
 
 
 def _check_method(method: str, where: str) -> None:
-    methods = sampling_methods()
-    if methods is not None and method not in methods:
-        raise ValueError(f"{where}: method must be one of {', '.join(methods)}; got {method!r}")
+    if method not in sampling.METHODS:
+        raise ValueError(f"{where}: method must be one of {', '.join(sampling.METHODS)}; got {method!r}")
 
 
 def _check_options(options: dict[str, Any], where: str) -> None:
@@ -116,31 +99,20 @@ class DeepFlowFlowScheduler(SchedulerMixin, ConfigMixin):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None,
                       **options: Any) -> None:
-        """``self.timesteps``: the times 1 = t_0 > ... > t_n = 0 the sampler steps through (float64; from the
-        sampling module's ``time_grid``, or ``sde_times`` / ``ode_times`` in older ones), for information:
-        :meth:`sample` integrates."""
+        """``self.timesteps``: the times 1 = t_0 > ... > t_n = 0 the sampler steps through (float64; the sampling
+        module's ``time_grid``), for information: :meth:`sample` integrates."""
         self.num_inference_steps = num_inference_steps
         merged = self._options(options)
-        grid_of = getattr(sampling, "time_grid", None)
-        if callable(grid_of):
-            accepted = inspect.signature(grid_of).parameters
-            grid = grid_of(self.config.method, num_inference_steps,
-                           **{k: v for k, v in merged.items() if k in accepted})
-        elif self.config.method == "sde":
-            grid = sampling.sde_times(num_inference_steps)
-        else:
-            grid = sampling.ode_times(num_inference_steps)
+        accepted = inspect.signature(sampling.time_grid).parameters
+        grid = sampling.time_grid(self.config.method, num_inference_steps,
+                                  **{k: v for k, v in merged.items() if k in accepted})
         self.timesteps = torch.tensor(grid, dtype=torch.float64, device=device)
 
     def evaluations(self, num_inference_steps: int, **options: Any) -> int:
         """Network calls of one sampling run (a guided call runs both halves in one batch), counted by the sampling
         module's ``forward_passes``."""
-        counter = getattr(sampling, "forward_passes", None)
-        if not callable(counter):
-            raise RuntimeError(f"{sampling.__name__.rpartition('.')[2]}: the sampling module beside this scheduler has "
-                               "no forward_passes (written by an older deepflow export); export the model again with "
-                               "`deepflow export --format diffusers`")
-        return int(counter(self.config.method, num_inference_steps, 1.0, (0.0, 1.0), **self._options(options)))
+        return int(sampling.forward_passes(self.config.method, num_inference_steps, 1.0, (0.0, 1.0),
+                                           **self._options(options)))
 
     def sample(
         self,
